@@ -1,0 +1,168 @@
+"""The embedding bank: real images encoded once by the pack's encoder.
+
+```
+BANK/
+  embeddings.safetensors   "embeddings" (N, D) float16, "labels" (N,) int64
+  bank.json                class names, keys, encoder identity, source, per-class counts, skipped inputs
+```
+An unreadable input never stops `embed`: it is skipped, counted and listed in bank.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synthgen.errors import UsageError
+from synthgen.pack import PackConfig, file_sha256, load_pack, read_pack_config
+
+BANK_FORMAT = "synthgen-bank/1"
+
+
+@dataclass
+class Bank:
+    root: Path
+    embeddings: torch.Tensor  # (N, D) float16
+    labels: np.ndarray  # (N,) int64
+    keys: list[str]
+    class_names: list[str]
+    meta: dict  # bank.json
+    hash: str  # sha256 of embeddings.safetensors, 16 hex chars
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+
+def encoder_id(config: PackConfig) -> str:
+    """What an embedding's meaning depends on: the encoder's spec and its weights."""
+    weights = config.weights.get("encoder", {}).get("sha256", "")
+    blob = json.dumps({"spec": config.encoder.to_dict(), "weights": weights}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_bank(root: str | Path) -> Bank:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    root = Path(root)
+    meta_path, tensors_path = root / "bank.json", root / "embeddings.safetensors"
+    if not meta_path.is_file() or not tensors_path.is_file():
+        raise UsageError(
+            f"{root} is not an embedding bank (bank.json and embeddings.safetensors expected); "
+            f"build one with 'synthgen embed --images DIR --pack PACK --out {root}'"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensors_path))
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise UsageError(f"cannot read the embedding bank {root}: {e}; rebuild it with 'synthgen embed'") from e
+    emb, labels = tensors.get("embeddings"), tensors.get("labels")
+    n = 0 if emb is None else emb.shape[0]
+    if emb is None or labels is None or emb.ndim != 2 or labels.shape != (n,) or len(meta.get("keys", [])) != n:
+        raise UsageError(f"the embedding bank {root} is inconsistent (shapes or key count); rebuild it")
+    if n == 0:
+        raise UsageError(f"the embedding bank {root} is empty: embed at least one readable image")
+    labels = labels.numpy().astype(np.int64)
+    names = meta["class_names"]
+    if labels.min() < 0 or labels.max() >= len(names):
+        raise UsageError(f"the embedding bank {root} has labels outside its {len(names)} classes; rebuild it")
+    return Bank(root, emb, labels, meta["keys"], names, meta, file_sha256(tensors_path)[:16])
+
+
+def check_bank_fits_pack(bank: Bank, config: PackConfig, pack_root: Path) -> None:
+    """A bank is only meaningful to the denoiser (and the filter) of the encoder that made it."""
+    if bank.dim != config.denoiser.cond_dim:
+        raise UsageError(
+            f"bank {bank.root} holds {bank.dim}-d embeddings but the denoiser of pack {pack_root} is conditioned "
+            f"on {config.denoiser.cond_dim}-d vectors; embed the images with this pack: "
+            f"'synthgen embed --images ... --pack {pack_root} --out NEW_BANK'"
+        )
+    if bank.meta.get("encoder_id") != encoder_id(config):
+        raise UsageError(
+            f"bank {bank.root} was embedded with a different encoder than pack {pack_root}'s; its embeddings "
+            f"would not mean what the denoiser expects. Re-embed with 'synthgen embed --pack {pack_root}'"
+        )
+
+
+def to_float_chw(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
+
+
+def build_bank(
+    images: str,
+    pack: str | Path,
+    out: str | Path,
+    batch_size: int = 64,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> dict:
+    """Encode every readable image of `images` (see sources.open_source) and write a bank; returns a summary."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from synthgen.sources import open_source
+
+    if batch_size < 1:
+        raise UsageError(f"--batch must be >= 1, got {batch_size}")
+    source = open_source(images)
+    config = read_pack_config(pack)
+    encoder = load_pack(pack, device=device, dtype=dtype, components=("encoder",)).encoder
+    out = Path(out)
+    start = time.perf_counter()
+    chunks, labels, keys, skipped, pending = [], [], [], [], []
+
+    def flush():
+        if pending:
+            pixels = torch.cat([encoder.preprocess(to_float_chw(img).to(device, dtype)) for img in pending])
+            with torch.inference_mode():
+                chunks.append(encoder.embed(pixels).float().cpu())
+            pending.clear()
+
+    for item in tqdm(source, total=len(source), desc="embed", unit="img", disable=not progress):
+        if item.image is None:
+            skipped.append({"key": item.key, "error": item.error})
+            continue
+        pending.append(item.image)
+        labels.append(item.label)
+        keys.append(item.key)
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    if not keys:
+        raise UsageError(f"no readable images in {images!r} ({len(skipped)} unreadable): the bank would be empty")
+    embeddings = torch.cat(chunks)
+    if not torch.isfinite(embeddings).all():
+        raise UsageError("the encoder produced non-finite embeddings; check the pack's encoder weights")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "embeddings.safetensors.tmp"
+    save_file({"embeddings": embeddings.half(), "labels": torch.tensor(labels, dtype=torch.int64)}, str(tmp))
+    tmp.replace(out / "embeddings.safetensors")
+    counts = Counter(labels)
+    meta = {
+        "format": BANK_FORMAT,
+        "source": images,
+        "pack": str(pack),
+        "encoder_id": encoder_id(config),
+        "dim": embeddings.shape[1],
+        "class_names": source.class_names,
+        "per_class_counts": {name: counts.get(i, 0) for i, name in enumerate(source.class_names)},
+        "keys": keys,
+        "num_embedded": len(keys),
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+    }
+    tmp = out / "bank.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(out / "bank.json")
+    seconds = time.perf_counter() - start
+    return {"embedded": len(keys), "skipped": skipped, "seconds": seconds, "out": str(out), "dim": meta["dim"]}

@@ -1,0 +1,153 @@
+"""`GenerateConfig`: the one source of generate's defaults, validated once at the boundary.
+
+The CLI forwards its options here (a test checks the CLI defaults equal these). Fields split in two:
+the run's identity (what decides which image a sample id gets; a run folder refuses to resume under a
+different identity) and execution settings (batch size, device, shard range) that never change images.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from synthgen.errors import UsageError
+from synthgen.filtering import FilterConfig
+from synthgen.plan import PlanConfig
+from synthgen.samplers import SAMPLERS
+
+FORMATS = ("jpg", "webp", "png")
+DTYPES = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+# Execution settings: changing them never changes which image a sample id gets.
+EXECUTION_FIELDS = ("out", "pack", "bank", "batch", "device", "shards", "overwrite", "progress")
+
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def parse_count(text: str | int) -> int:
+    """'10k' -> 10000, '1M' -> 1000000, '1e6' -> 1000000, '2_500' -> 2500. Raises UsageError."""
+    if isinstance(text, int):
+        value = text
+    else:
+        s = str(text).strip().lower().replace("_", "").replace(",", "")
+        m = re.fullmatch(r"(\d+(?:\.\d*)?(?:e\d+)?)([kmbg]?)", s)
+        if not m:
+            raise UsageError(f"--n {text!r} is not a count: use forms like 1000, 10k, 1M or 1e6")
+        number = float(m.group(1)) * _SUFFIX[m.group(2)]
+        if number != math.floor(number):
+            raise UsageError(f"--n {text!r} is not a whole number of images")
+        value = int(number)
+    if value < 1:
+        raise UsageError(f"--n must be at least 1, got {text!r}")
+    return value
+
+
+def parse_shard_range(text: str | None) -> tuple[int, int] | None:
+    """'A:B' -> (A, B), half-open; 'A:' -> (A, None-like big); None -> None."""
+    if text is None or text == "":
+        return None
+    m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", str(text))
+    if not m:
+        raise UsageError(f"--shards {text!r} must look like A:B (half-open range of shard indices, e.g. 0:10)")
+    start = int(m.group(1) or 0)
+    stop = int(m.group(2)) if m.group(2) else 2**62
+    if stop <= start:
+        raise UsageError(f"--shards {text!r} is empty: B must be greater than A")
+    return start, stop
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    n: int
+    out: Path
+    pack: Path
+    bank: Path | None = None  # default: the pack's own bank folder PACK/bank when it has one
+    sampler: str = "dpmpp_2m"
+    steps: int = 20
+    cfg: float = 1.0
+    mode: str = "reuse"
+    lam: float = 0.0
+    balance: str = "class"
+    min_score: float | None = None
+    keep_top: float | None = None
+    keep_top_group: int = 100
+    max_oversample: int = 8
+    seed: int = 0
+    shard_size: int = 1000
+    format: str = "jpg"
+    quality: int = 90
+    save_cond: bool = False
+    dtype: str = "fp32"
+    batch: int = 32
+    device: str = "auto"
+    shards: tuple[int, int] | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "n", parse_count(self.n))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "pack", Path(self.pack))
+        if self.bank is not None:
+            object.__setattr__(self, "bank", Path(self.bank))
+        if isinstance(self.shards, str):
+            object.__setattr__(self, "shards", parse_shard_range(self.shards))
+        _choice("--sampler", self.sampler, SAMPLERS)
+        _choice("--format", self.format, FORMATS)
+        _choice("--dtype", self.dtype, DTYPES)
+        _choice("--device", self.device, DEVICES)
+        _at_least("--steps", self.steps, 1)
+        _at_least("--batch", self.batch, 1)
+        _at_least("--max-oversample", self.max_oversample, 1)
+        if not 1 <= self.shard_size <= 100_000:
+            raise UsageError(f"--shard-size must be in [1, 100000] (keys hold 5 digits), got {self.shard_size}")
+        if not 1 <= self.quality <= 100:
+            raise UsageError(f"--quality must be in [1, 100], got {self.quality}")
+        if not (math.isfinite(self.cfg) and self.cfg >= 0):
+            raise UsageError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {self.cfg}")
+        self.plan_config  # validates mode / lam / balance / seed
+        self.filter_config  # validates min_score / keep_top / group
+
+    @property
+    def plan_config(self) -> PlanConfig:
+        return PlanConfig(mode=self.mode, lam=self.lam, balance=self.balance, seed=self.seed)
+
+    @property
+    def filter_config(self) -> FilterConfig:
+        return FilterConfig(min_score=self.min_score, keep_top=self.keep_top, group=self.keep_top_group)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.n // self.shard_size)
+
+    def shard_target(self, shard: int) -> int:
+        """Exact number of images shard `shard` holds when complete."""
+        return min(self.shard_size, self.n - shard * self.shard_size)
+
+    @property
+    def candidate_budget(self) -> int:
+        """Candidate ids each shard owns: [shard * budget, (shard + 1) * budget)."""
+        return self.shard_size * (self.max_oversample if self.filter_config.active else 1)
+
+    def identity(self) -> dict:
+        """The fields that decide the images (pack and bank hashes are added by the run folder)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in EXECUTION_FIELDS}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("out", "pack", "bank"):
+            d[k] = None if d[k] is None else str(d[k])
+        d["shards"] = list(self.shards) if self.shards else None
+        return d
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"{option} {value!r} is not one of {', '.join(allowed)}")
+
+
+def _at_least(option: str, value: int, low: int) -> None:
+    if not isinstance(value, int) or value < low:
+        raise UsageError(f"{option} must be an integer >= {low}, got {value!r}")

@@ -1,0 +1,335 @@
+"""generate: embedding bank -> planned conditions -> denoiser x K -> decode -> filter -> shards.
+
+Data flows one way:
+  plan(ids) -> conditions + noise (pure functions of run seed and id)
+  -> sample() with CFG on the representation -> VAE decode -> re-encode and score (on the device)
+  -> one transfer per batch -> group decisions in id order -> encode images -> ShardWriter
+A shard is the unit of work: `generate_shard` needs only the engine, the config and the shard index.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synthgen.bank import Bank, check_bank_fits_pack, load_bank
+from synthgen.config import GenerateConfig
+from synthgen.errors import UsageError
+from synthgen.filtering import accept_group, cosine_scores
+from synthgen.models.denoiser import guided
+from synthgen.noise import STREAM_INIT, STREAM_STEP0, gaussian
+from synthgen.pack import Pack, load_pack
+from synthgen.plan import Planner, SamplePlan, conditions
+from synthgen.samplers import SamplerPlan, make_plan, sample
+from synthgen.shards import SampleRecord, ShardWriter, encode_image, sample_key, stats_path, write_stats
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_bank_path(cfg: GenerateConfig) -> Path:
+    if cfg.bank is not None:
+        return cfg.bank
+    if (cfg.pack / "bank" / "bank.json").is_file():
+        return cfg.pack / "bank"
+    raise UsageError(
+        f"no --bank given and pack {cfg.pack} ships no bank/ folder; build one with "
+        f"'synthgen embed --images DIR --pack {cfg.pack} --out BANK' and pass --bank BANK"
+    )
+
+
+# ---- Engine: everything loaded once per process ---------------------------------------------------
+
+
+@dataclass
+class Engine:
+    cfg: GenerateConfig
+    pack: Pack
+    bank: Bank
+    planner: Planner
+    sampler: SamplerPlan
+    device: torch.device
+    dtype: torch.dtype
+    embeddings: torch.Tensor  # (N, D) bank on the device
+    null: torch.Tensor  # (D,) on the device
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.pack.config.denoiser.sample_shape
+
+
+def load_engine(cfg: GenerateConfig) -> Engine:
+    device = resolve_device(cfg.device)
+    dtype = TORCH_DTYPES[cfg.dtype]
+    bank = load_bank(resolve_bank_path(cfg))
+    pack = load_pack(cfg.pack, device=device, dtype=dtype)
+    check_bank_fits_pack(bank, pack.config, cfg.pack)
+    planner = Planner(bank.labels, bank.class_names, cfg.plan_config)
+    sampler = make_plan(cfg.sampler, pack.config.schedule, cfg.steps, device=device)
+    return Engine(
+        cfg, pack, bank, planner, sampler, device, dtype,
+        bank.embeddings.to(device), pack.null_condition.to(device),
+    )
+
+
+def run_identity(engine: Engine) -> dict:
+    return {**engine.cfg.identity(), "pack_hash": engine.pack.hash, "bank_hash": engine.bank.hash}
+
+
+# ---- One batch on the device ----------------------------------------------------------------------
+
+
+@dataclass
+class BatchResult:
+    """Host-side outputs of one batch; arrays have length B."""
+
+    plan: SamplePlan
+    images: np.ndarray  # (B, H, W, 3) uint8
+    scores: np.ndarray  # (B,) float32 cos(enc(x_hat), c); nan for non-finite images
+    valid: np.ndarray  # (B,) bool, False when the image had NaN/Inf
+    cond: np.ndarray  # (B, D) float32 conditioning used
+    pixels: torch.Tensor | None = None  # (B, 3, H, W) float in [0, 1] when asked for (tests)
+
+
+@torch.inference_mode()
+def generate_batch(engine: Engine, sample_ids: np.ndarray, keep_pixels: bool = False) -> BatchResult:
+    plan = engine.planner.plan(sample_ids)
+    seeds = torch.from_numpy(plan.seeds).to(engine.device)
+    cond = conditions(engine.embeddings, plan, engine.cfg.lam, seeds)  # (B, D) float32
+    cond_in, null_in = cond.to(engine.dtype), engine.null.to(engine.dtype)
+    shape = engine.sample_shape
+    denoiser, cfg_scale, dtype = engine.pack.denoiser, engine.cfg.cfg, engine.dtype
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # The sampler state stays float32; only the network runs in the pack dtype.
+        return guided(denoiser, x.to(dtype), t, cond_in, null_in, cfg_scale).float()
+
+    def noise_fn(k: int) -> torch.Tensor:
+        return gaussian(seeds, STREAM_STEP0 + k, shape)
+
+    x0 = sample(engine.sampler, model_fn, gaussian(seeds, STREAM_INIT, shape), noise_fn)
+    images = engine.pack.vae(x0.to(dtype)).float() if engine.pack.vae is not None else x0
+    valid = torch.isfinite(images).flatten(1).all(dim=1)
+    pixels = ((images.nan_to_num(0.0) + 1) / 2).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
+    scores = cosine_scores(engine.pack.encoder(pixels.to(dtype)), cond)
+    scores = torch.where(valid, scores, torch.full_like(scores, float("nan")))
+    as_uint8 = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return BatchResult(
+        plan=plan,
+        images=as_uint8.cpu().numpy(),
+        scores=scores.cpu().numpy(),
+        valid=valid.cpu().numpy(),
+        cond=cond.cpu().numpy(),
+        pixels=pixels.cpu() if keep_pixels else None,
+    )
+
+
+# ---- One shard -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Candidates:
+    """Generated candidates waiting for their group's decision, in id order."""
+
+    batches: list[BatchResult] = field(default_factory=list)
+    rows: list[tuple[int, int]] = field(default_factory=list)  # (batch index, row)
+
+    def add(self, batch: BatchResult) -> None:
+        self.batches.append(batch)
+        self.rows.extend((len(self.batches) - 1, r) for r in range(len(batch.scores)))
+
+    def take(self, n: int) -> list[tuple[BatchResult, int]]:
+        taken, self.rows = self.rows[:n], self.rows[n:]
+        return [(self.batches[b], r) for b, r in taken]
+
+
+def _meta(engine: Engine, batch: BatchResult, row: int, key: str) -> dict:
+    p, bank, cfg = batch.plan, engine.bank, engine.cfg
+    label = int(p.labels[row])
+    anchors = [int(p.anchor_a[row])] + ([int(p.anchor_b[row])] if p.anchor_b[row] != p.anchor_a[row] else [])
+    score = float(batch.scores[row])
+    return {
+        "key": key, "sample_id": int(p.sample_ids[row]), "seed": int(p.seeds[row]),
+        "label": label, "class_name": bank.class_names[label],
+        "anchors": anchors, "anchor_keys": [bank.keys[a] for a in anchors],
+        "mode": cfg.mode, "lambda": cfg.lam, "mix": float(p.mix[row]),
+        "score": None if np.isnan(score) else round(score, 6),
+        "sampler": cfg.sampler, "steps": cfg.steps, "cfg": cfg.cfg, "pack": engine.pack.hash,
+    }
+
+
+def generate_shard(engine: Engine, shard: int, encoders: ThreadPoolExecutor | None = None, on_images=None) -> dict:
+    """Generate, filter and commit shard `shard`; returns its stats (also written as the done marker).
+
+    Candidates come from the shard's own id range [shard * budget, (shard + 1) * budget) in order;
+    decisions are made per fixed group of ids, so the shard's content does not depend on batch size.
+    """
+    cfg, fcfg = engine.cfg, engine.cfg.filter_config
+    run_dir, target, budget = cfg.out, cfg.shard_target(shard), cfg.candidate_budget
+    base, group = shard * budget, fcfg.decision_group
+    stats_path(run_dir, shard).unlink(missing_ok=True)  # regenerating: the old marker no longer holds
+    counts, per_class = Counter(), Counter()
+    pending, drawn, start = _Candidates(), 0, time.perf_counter()
+    grouped = fcfg.keep_top is not None  # keep-top ranks a whole group; other rules judge one at a time
+    with ShardWriter(run_dir, shard) as writer:
+        while counts["count"] < target and (drawn < budget or pending.rows):
+            ready = len(pending.rows) >= group if grouped else bool(pending.rows)
+            if drawn < budget and not ready:
+                need = budget - drawn if fcfg.active else target - counts["count"]
+                ids = base + drawn + np.arange(min(cfg.batch, need, budget - drawn), dtype=np.int64)
+                pending.add(generate_batch(engine, ids))
+                drawn += len(ids)
+                continue
+            # A full group, every pending candidate (independent rules), or the tail of the budget.
+            decided = pending.take(group if grouped else len(pending.rows))
+            keep = _decide(decided, fcfg)
+            room = target - counts["count"]
+            if not grouped and keep.sum() > room:
+                # Candidates past the one that filled the shard were computed but never judged.
+                cut = int(np.flatnonzero(keep)[room - 1]) + 1
+                counts["unused"] += len(decided) - cut
+                decided, keep = decided[:cut], keep[:cut]
+            counts["candidates"] += len(decided)
+            counts["nonfinite"] += sum(not b.valid[r] for b, r in decided)
+            counts["rejected"] += int((~keep).sum())
+            chosen = [d for d, k in zip(decided, keep) if k]
+            counts["surplus"] += max(0, len(chosen) - room)
+            _write(engine, writer, shard, chosen[:room], counts, per_class, encoders)
+            if on_images is not None:
+                on_images(min(len(chosen), room), len(decided))
+        counts["unused"] += len(pending.rows)
+        info = writer.commit()
+    stats = {
+        "shard": shard, "target": target, **{k: int(counts[k]) for k in
+                                              ("count", "candidates", "rejected", "nonfinite", "surplus", "unused")},
+        "exhausted": counts["count"] < target, "first_candidate_id": base,
+        "per_class": {str(k): v for k, v in sorted(per_class.items())},
+        "sha256": info["sha256"], "bytes": info["bytes"], "seconds": round(time.perf_counter() - start, 3),
+    }
+    write_stats(run_dir, shard, stats)
+    return stats
+
+
+def _decide(decided: list[tuple[BatchResult, int]], fcfg) -> np.ndarray:
+    """(n,) bool: kept candidates. Without a filter rule only non-finite images are dropped."""
+    valid = np.array([b.valid[r] for b, r in decided], dtype=bool)
+    if not fcfg.active:
+        return valid
+    scores = np.array([b.scores[r] for b, r in decided], dtype=np.float32)
+    labels = np.array([b.plan.labels[r] for b, r in decided], dtype=np.int64)
+    return accept_group(np.nan_to_num(scores, nan=-2.0), labels, valid, fcfg)
+
+
+def _write(engine, writer, shard, chosen, counts, per_class, encoders) -> None:
+    cfg = engine.cfg
+    encode = lambda item: encode_image(item[0].images[item[1]], cfg.format, cfg.quality)  # noqa: E731
+    blobs = list(encoders.map(encode, chosen)) if encoders is not None else [encode(c) for c in chosen]
+    for (batch, row), blob in zip(chosen, blobs):
+        key = sample_key(shard, counts["count"])
+        label = int(batch.plan.labels[row])
+        cond = batch.cond[row].astype(np.float16) if cfg.save_cond else None
+        writer.add(SampleRecord(key, blob, cfg.format, label, _meta(engine, batch, row, key), cond))
+        counts["count"] += 1
+        per_class[label] += 1
+
+
+# ---- A run ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    shards_written: list[int]
+    shards_skipped: int
+    images: int
+    candidates: int
+    rejected: int
+    nonfinite: int
+    exhausted: list[int]
+    seconds: float
+    removed_tmp: list[Path]
+    complete: bool
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        acc = self.images / self.candidates if self.candidates else 1.0
+        out = [
+            f"run folder      {self.run_dir}",
+            f"shards written  {len(self.shards_written)} (skipped {self.shards_skipped} already complete)",
+            f"images          {self.images} in {self.seconds:.1f} s ({self.images_per_second:.2f} img/s)",
+            f"candidates      {self.candidates} (accepted {acc:.1%}, rejected {self.rejected}, "
+            f"non-finite {self.nonfinite})",
+        ]
+        if self.removed_tmp:
+            out.append(f"cleaned         {len(self.removed_tmp)} stray temporary file(s) from an interrupted run")
+        if self.exhausted:
+            out.append(
+                f"WARNING         shard(s) {self.exhausted[:10]} ran out of candidates before reaching their "
+                "target: lower --min-score / raise --keep-top, or raise --max-oversample"
+            )
+        out.append(f"dataset         {'complete' if self.complete else 'incomplete'}; check it with "
+                   f"'synthgen verify {self.run_dir}'")
+        return out
+
+
+def run_generate(cfg: GenerateConfig) -> RunSummary:
+    """Resume or start the run described by `cfg`: generate every pending shard in range, then aggregate."""
+    from tqdm import tqdm
+
+    from synthgen.runfolder import finalize_run, pending_shards, prepare_run_dir, versions
+
+    engine = load_engine(cfg)
+    header = {
+        "config": cfg.to_dict(), "versions": versions(), "pack_hash": engine.pack.hash,
+        "bank_hash": engine.bank.hash, "class_names": engine.bank.class_names,
+        "random_weights": engine.pack.config.random_weights, "image_size": engine.pack.config.image_size,
+    }
+    removed = prepare_run_dir(cfg, run_identity(engine), header)
+    todo = pending_shards(cfg)
+    start, stop = cfg.shards or (0, cfg.num_shards)
+    skipped = len(range(start, min(stop, cfg.num_shards))) - len(todo)
+    total = sum(cfg.shard_target(k) for k in todo)
+    seen = Counter()
+    bar = tqdm(total=total, desc="generate", unit="img", disable=not cfg.progress, dynamic_ncols=True)
+
+    def on_images(accepted: int, decided: int) -> None:
+        seen["accepted"] += accepted
+        seen["decided"] += decided
+        bar.update(accepted)
+        bar.set_postfix(accept=f"{seen['accepted'] / max(seen['decided'], 1):.0%}", refresh=False)
+
+    results, t0 = [], time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode") as encoders:
+        for shard in todo:
+            results.append(generate_shard(engine, shard, encoders, on_images))
+    bar.close()
+    doc = finalize_run(cfg, engine.bank.class_names)
+    return RunSummary(
+        run_dir=cfg.out,
+        shards_written=[r["shard"] for r in results],
+        shards_skipped=skipped,
+        images=sum(r["count"] for r in results),
+        candidates=sum(r["candidates"] for r in results),
+        rejected=sum(r["rejected"] for r in results),
+        nonfinite=sum(r["nonfinite"] for r in results),
+        exhausted=[r["shard"] for r in results if r["exhausted"]],
+        seconds=time.perf_counter() - t0,
+        removed_tmp=removed,
+        complete=doc["complete"],
+    )

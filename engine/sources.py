@@ -1,0 +1,441 @@
+"""Labelled real images for `synthgen embed`: an ImageNet-style folder, WebDataset shards, or a builtin set.
+
+`open_source(spec)` validates the spec once (STYLE.md 14): a spec that names nothing readable raises
+`UsageError` saying which forms are accepted. After that, failures are data: a file that PIL cannot
+decode (corrupt, truncated, empty, not an image) becomes a `SourceItem` with `image=None` and a short
+`error`, so the embedding run counts it and goes on.
+
+Accepted specs:
+
+1. `path/to/folder` with one subfolder per class (ImageNet layout). Class names are the sorted
+   subfolder names; images are the files (searched recursively, sorted by relative path) with an
+   image extension (`IMAGE_SUFFIXES`, any case). Hidden files and folders and other files are skipped.
+   An empty class folder still gets its label, so labels follow the folder names alone.
+2. WebDataset shards: a brace pattern `data/shard-{000000..000003}.tar`, a glob `data/*.tar`, one
+   `.tar` file, or a folder holding `.tar` files (other files such as `*.stats.json` are ignored).
+   The image is the first of the `jpg`/`jpeg`/`png`/`webp` members, the label the ASCII int in `.cls`.
+   Class names come from `classes.json` (a JSON list of names) or `classes.txt` (one name per line)
+   beside the first shard, else they are `"0" .. str(max label)`. A tar that cannot be read at all is
+   a `UsageError` at open time: it is the user's file to fix or leave out of the pattern.
+3. `builtin:digits`, `builtin:digits:train`, `builtin:digits:test`: scikit-learn's `load_digits` (1797
+   8x8 images, values 0..16) as uint8 RGB, split once by `digits_split()`.
+
+Keys are dot-free (dots become `_`) and unique within a source: a key seen before gets `_2`, `_3`, ...
+in iteration order, which is deterministic, so keys are stable across runs. An item that could not be
+labelled (a shard sample without a valid `.cls`) has `label=-1` and an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import json
+import os
+import struct
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from synthgen.errors import UsageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+SHARD_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+CLASS_FILES = ("classes.json", "classes.txt")
+DIGITS_COUNT = 1797
+DIGITS_TEST_SIZE = 0.25
+DIGITS_SEED = 0
+UNKNOWN_LABEL = -1
+MAX_ERROR_CHARS = 200
+
+# What PIL raises for a bad file: OSError (UnidentifiedImageError, "image file is truncated"),
+# ValueError, SyntaxError (some plugins' header parsers), EOFError and struct.error (short reads in
+# plugins), DecompressionBombError (an image too large to decode safely). Anything else is a bug.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+# What reading a broken tar raises through webdataset (tarfile errors, short reads, duplicate members).
+_SHARD_ERRORS = (OSError, ValueError, EOFError, tarfile.TarError)
+
+# A truncated file must be reported as unreadable, not decoded with grey padding.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_ACCEPTED_FORMS = (
+    "accepted forms: a folder with one subfolder of images per class (ImageNet layout); WebDataset "
+    "shards as a brace pattern 'data/shard-{000000..000003}.tar', a glob 'data/*.tar', one .tar file "
+    "or a folder of .tar files; or 'builtin:digits', 'builtin:digits:train', 'builtin:digits:test'"
+)
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    key: str  # dot-free, unique within the source, stable across runs
+    label: int  # index into the source's class_names; UNKNOWN_LABEL when the label itself is bad
+    image: np.ndarray | None  # (H, W, 3) uint8 RGB; None when unreadable
+    error: str | None  # why it could not be read; None when image is not None
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A sized, re-iterable, picklable sequence of `SourceItem`s in a fixed order."""
+
+    spec: str
+    class_names: list[str]
+    _length: int = field(repr=False)
+    _items: Callable[[], Iterator[SourceItem]] = field(repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        return self._items()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding: the one place where pixels become (H, W, 3) uint8 RGB
+# ---------------------------------------------------------------------------------------------------
+
+
+def image_to_uint8_rgb(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from any PIL image: grayscale, RGBA, palette, CMYK, 16-bit, EXIF-rotated.
+
+    Alpha is dropped, not composited. 16-bit and integer images are scaled from 0..65535 when any value
+    exceeds 255. Raises what PIL raises for a bad file (see DECODE_ERRORS).
+    """
+    img.load()
+    img = ImageOps.exif_transpose(img)  # camera photos are stored sideways with an orientation tag
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        img = Image.fromarray(_high_bit_depth_to_uint8(np.asarray(img)))
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def _high_bit_depth_to_uint8(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float64)
+    if values.size and values.max() > 255:
+        values = values / 257.0  # 65535 -> 255
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _short_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _decode(open_arg) -> tuple[np.ndarray | None, str | None]:
+    """(image, None) or (None, error) for a path or a file object; never raises for a bad file."""
+    try:
+        with Image.open(open_arg) as img:
+            return image_to_uint8_rgb(img), None
+    except DECODE_ERRORS as exc:
+        return None, _short_error(exc)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------------------------------
+
+
+def _dot_free(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _unique_keys(keys: Iterable[str]) -> list[str]:
+    """The keys in order, dot-free, with `_2`, `_3`, ... added to repeats (deterministic)."""
+    keys = [_dot_free(k) for k in keys]
+    taken = set(keys)
+    seen: set[str] = set()
+    out = []
+    for key in keys:
+        if key in seen:
+            n = 2
+            while f"{key}_{n}" in taken:
+                n += 1
+            key = f"{key}_{n}"
+            taken.add(key)
+        seen.add(key)
+        out.append(key)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. ImageNet-style folder
+# ---------------------------------------------------------------------------------------------------
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(class_dir):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not _is_hidden(path) and path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(class_dir).as_posix())
+
+
+def _open_image_folder(spec: str, root: Path) -> ImageSource:
+    class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not _is_hidden(p)), key=lambda p: p.name)
+    if not class_dirs:
+        raise UsageError(
+            f"source {spec!r} is a folder without class subfolders; put the images of each class in "
+            f"their own subfolder ({_ACCEPTED_FORMS})"
+        )
+    paths, labels, names = [], [], []
+    for label, class_dir in enumerate(class_dirs):
+        for path in _image_files(class_dir):
+            paths.append(str(path))
+            labels.append(label)
+            names.append(path.relative_to(root).with_suffix("").as_posix())
+    if not paths:
+        raise UsageError(
+            f"source {spec!r} has class subfolders but no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            f"add images or point at another source ({_ACCEPTED_FORMS})"
+        )
+    entries = tuple(zip(_unique_keys(names), labels, paths))
+    return ImageSource(spec, [p.name for p in class_dirs], len(entries), functools.partial(_iter_files, entries))
+
+
+def _iter_files(entries: tuple[tuple[str, int, str], ...]) -> Iterator[SourceItem]:
+    for key, label, path in entries:
+        image, error = _decode(path)
+        yield SourceItem(key, label, image, error)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. WebDataset shards
+# ---------------------------------------------------------------------------------------------------
+
+
+def _is_tar(path: str) -> bool:
+    return path.lower().endswith(".tar") and os.path.isfile(path)
+
+
+def _shard_paths(spec: str) -> list[str] | None:
+    """The shard files a spec names, None when it is not a shard spec, or UsageError for a bad one."""
+    if "{" in spec:
+        paths = list(braceexpand.braceexpand(spec))
+        missing = [p for p in paths if not _is_tar(p)]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise UsageError(
+                f"source {spec!r}: {len(missing)} of {len(paths)} shards in the brace pattern are not .tar "
+                f"files that exist ({shown}); fix the range or the path ({_ACCEPTED_FORMS})"
+            )
+        return paths
+    if glob.has_magic(spec):
+        paths = sorted(p for p in glob.glob(spec) if _is_tar(p))
+        if not paths:
+            raise UsageError(f"source {spec!r}: the glob matched no .tar files; check the path ({_ACCEPTED_FORMS})")
+        return paths
+    if os.path.isfile(spec):
+        if not spec.lower().endswith(".tar"):
+            raise UsageError(f"source {spec!r} is a file but not a .tar shard ({_ACCEPTED_FORMS})")
+        return [spec]
+    if os.path.isdir(spec):
+        paths = sorted(os.path.join(spec, n) for n in os.listdir(spec) if not n.startswith("."))
+        tars = [p for p in paths if _is_tar(p)]
+        return tars or None
+    return None
+
+
+def _read_class_file(spec: str, folder: str) -> list[str] | None:
+    for name in CLASS_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            names = json.loads(text) if name.endswith(".json") else text.rstrip().splitlines()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"source {spec!r}: cannot read class names from {path} ({_short_error(exc)})") from None
+        if isinstance(names, list) and names and all(isinstance(n, str) and n.strip() for n in names):
+            names = [n.strip() for n in names]
+            if len(set(names)) == len(names):
+                return names
+        raise UsageError(
+            f"source {spec!r}: {path} must list unique, non-empty class names in label order "
+            f"(a JSON list of strings, or one name per line in classes.txt)"
+        )
+    return None
+
+
+def _shard_samples(shard: str) -> Iterator[dict]:
+    """The samples of one shard as raw bytes, grouped by key exactly as `webdataset.WebDataset` does.
+
+    webdataset's own tar expander and grouper run on a file this function opens and closes:
+    `WebDataset(...)` leaves every shard's file open until garbage collection (a ResourceWarning per
+    shard) and applies node/worker splitting, while a source must always be read whole and in order.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander  # noqa: PLC0415 - shard sources only
+
+    with open(shard, "rb") as stream:
+        yield from group_by_keys(tar_file_expander([{"url": shard, "stream": stream}]))
+
+
+def _wds_samples(shards: Iterable[str]) -> Iterator[dict]:
+    for shard in shards:
+        yield from _shard_samples(shard)
+
+
+def _tar_error(exc: BaseException) -> str:
+    # webdataset appends the stream and url to an exception's args; the first arg is the reason.
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _short_error(exc)
+    return f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}"[:MAX_ERROR_CHARS]
+
+
+def _parse_label(sample: dict) -> tuple[int, str | None]:
+    raw = sample.get("cls")
+    if raw is None:
+        return UNKNOWN_LABEL, "sample has no .cls member"
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return UNKNOWN_LABEL, f"bad .cls {raw[:20]!r}: expected an ASCII int"
+    if label < 0:
+        return UNKNOWN_LABEL, f"bad .cls {label}: labels must be >= 0"
+    return label, None
+
+
+def _scan_shards(spec: str, shards: list[str]) -> tuple[list[str], list[int], list[str | None]]:
+    """Keys, labels and label errors of every sample, reading each shard once without decoding images."""
+    keys, labels, errors = [], [], []
+    for shard in shards:
+        try:
+            for sample in _shard_samples(shard):
+                label, error = _parse_label(sample)
+                keys.append(sample["__key__"])
+                labels.append(label)
+                errors.append(error)
+        except _SHARD_ERRORS as exc:
+            raise UsageError(
+                f"source {spec!r}: shard {shard} is not a readable tar ({_tar_error(exc)}); "
+                f"re-create it or leave it out of the pattern"
+            ) from None
+    return keys, labels, errors
+
+
+def _open_shards(spec: str, shards: list[str]) -> ImageSource:
+    raw_keys, labels, label_errors = _scan_shards(spec, shards)
+    if not raw_keys:
+        raise UsageError(f"source {spec!r}: the {len(shards)} shard(s) hold no samples ({_ACCEPTED_FORMS})")
+    class_names = _read_class_file(spec, os.path.dirname(os.path.abspath(shards[0])))
+    if class_names is None:
+        class_names = [str(i) for i in range(max(labels) + 1)]
+    for i, label in enumerate(labels):
+        if label_errors[i] is None and label >= len(class_names):
+            labels[i] = UNKNOWN_LABEL
+            label_errors[i] = f"bad .cls {label}: only {len(class_names)} class names"
+    entries = tuple(zip(_unique_keys(raw_keys), labels, label_errors))
+    return ImageSource(spec, class_names, len(entries), functools.partial(_iter_shards, tuple(shards), entries))
+
+
+def _image_member(sample: dict) -> bytes | None:
+    for ext in SHARD_IMAGE_MEMBERS:
+        if ext in sample:
+            return sample[ext]
+    return None
+
+
+def _iter_shards(shards: tuple[str, ...], entries: tuple[tuple[str, int, str | None], ...]) -> Iterator[SourceItem]:
+    # The scan in open_source fixed the count and the labels; if a shard changed since, stop at the scanned count.
+    for (key, label, error), sample in zip(entries, _wds_samples(shards)):
+        if error is not None:
+            yield SourceItem(key, label, None, error)
+            continue
+        data = _image_member(sample)
+        if data is None:
+            yield SourceItem(key, label, None, f"sample has none of the image members {SHARD_IMAGE_MEMBERS}")
+            continue
+        image, error = _decode(io.BytesIO(data))
+        yield SourceItem(key, label, image, error)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. builtin:digits
+# ---------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - only builtin sources need scikit-learn
+
+    digits = load_digits()
+    # 0..16 -> 0..255, rounded: the 8x8 grayscale values as uint8.
+    pixels = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    return pixels, digits.target.astype(np.int64)
+
+
+@functools.cache
+def _digits_split_cached() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+
+    _, target = _digits()
+    train, test = train_test_split(
+        np.arange(len(target)), test_size=DIGITS_TEST_SIZE, stratify=target, random_state=DIGITS_SEED
+    )
+    return np.sort(train), np.sort(test)
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, test indices) of `load_digits`, each sorted, disjoint, covering all 1797.
+
+    The split is fixed: `train_test_split(arange(1797), test_size=0.25, stratify=target,
+    random_state=0)`, giving 1347 train and 450 test images with the class balance of the whole set.
+    """
+    train, test = _digits_split_cached()
+    return train.copy(), test.copy()
+
+
+def _open_digits(spec: str) -> ImageSource:
+    parts = spec.split(":")
+    split = parts[2] if len(parts) == 3 else "all"
+    if parts[:2] != ["builtin", "digits"] or len(parts) > 3 or split not in ("all", "train", "test"):
+        raise UsageError(
+            f"unknown builtin source {spec!r}; use 'builtin:digits', 'builtin:digits:train' or 'builtin:digits:test'"
+        )
+    train, test = digits_split()
+    indices = {"all": np.arange(DIGITS_COUNT), "train": train, "test": test}[split]
+    indices = tuple(int(i) for i in indices)
+    return ImageSource(spec, [str(d) for d in range(10)], len(indices), functools.partial(_iter_digits, indices))
+
+
+def _iter_digits(indices: tuple[int, ...]) -> Iterator[SourceItem]:
+    pixels, target = _digits()
+    for i in indices:
+        image = image_to_uint8_rgb(Image.fromarray(pixels[i]))
+        yield SourceItem(f"digits_{i:04d}", int(target[i]), image, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+
+
+def open_source(spec: str) -> ImageSource:
+    """The labelled images `spec` names (see the module docstring); UsageError if it names none."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"source {spec!r} is empty; {_ACCEPTED_FORMS}")
+    if spec.startswith("builtin:"):
+        return _open_digits(spec)
+    shards = _shard_paths(spec)
+    if shards is not None:
+        return _open_shards(spec, shards)
+    if not os.path.exists(spec):
+        raise UsageError(f"source {spec!r} does not exist; check the path ({_ACCEPTED_FORMS})")
+    root = Path(spec)
+    if not root.is_dir():
+        raise UsageError(f"source {spec!r} is not a folder or a .tar shard ({_ACCEPTED_FORMS})")
+    if not any(not _is_hidden(p) for p in root.iterdir()):
+        raise UsageError(f"source {spec!r} is an empty folder; {_ACCEPTED_FORMS}")
+    return _open_image_folder(spec, root)

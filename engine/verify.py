@@ -1,0 +1,413 @@
+"""`synthgen verify DIR`: re-read a run folder and check it against its own records.
+
+Every shard is read back with the `webdataset` library (the reader a classifier will use) and checked
+against its stats file and `dataset.json`: counts, sha256 (tamper and truncation detection), keys,
+members, labels, metadata, decodable images of the right size, per-class counts and totals. Problems
+are data (STYLE.md 14): a truncated or garbage tar becomes a line in the report, never an exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from synthgen.shards import IMAGE_EXTS, MAX_SHARD_SIZE, read_stats, sample_key, shard_path, stats_path
+
+RUN_FORMAT = "synthgen-run/1"
+REQUIRED_META = ("sample_id", "seed", "label", "class_name", "score")
+MAX_PROBLEMS_PER_SHARD = 20  # a garbage shard would otherwise bury the report in per-sample lines
+
+_PIL_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
+_KNOWN_MEMBERS = frozenset(IMAGE_EXTS) | {"cls", "json", "npy"}
+# What reading a damaged tar raises: tarfile.ReadError (bad header / checksum / empty file), OSError
+# (unreadable file), ValueError (webdataset: duplicate member in one sample), EOFError (short read).
+_READ_ERRORS = (tarfile.TarError, OSError, ValueError, EOFError)
+
+
+@dataclass
+class VerifyReport:
+    run_dir: Path
+    shards_checked: int
+    samples: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class _RunInfo:
+    """What dataset.json says the shards must look like."""
+
+    fmt: str | None
+    image_size: tuple[int, int] | None  # (width, height)
+    class_names: list[str]
+    keys: set[str] = field(default_factory=set)
+    sample_ids: set = field(default_factory=set)
+
+
+def verify_run(run_dir: Path, decode_images: bool = True) -> VerifyReport:
+    """Check every shard of a run folder; returns a report whose `problems` name shard, key and fault."""
+    run_dir = Path(run_dir)
+    report = VerifyReport(run_dir=run_dir, shards_checked=0, samples=0, problems=[])
+    dataset = _load_dataset(run_dir, report.problems)
+    if dataset is None:
+        return report
+    info = _run_info(dataset, report.problems)
+    report.problems += _stray_files(run_dir)
+    listed = _listed_shards(dataset, report.problems)
+    on_disk = _shards_on_disk(run_dir)
+    report.problems += _shard_set_problems(run_dir, dataset, listed, on_disk)
+
+    # dataset.json aggregates the stats files, and each stats file is checked against its tar: so the
+    # run totals are compared with the stats, and a damaged shard is reported once, at the shard.
+    per_class: Counter[int] = Counter()
+    recorded_samples = 0
+    for shard in sorted(listed | on_disk["stats"]):
+        stats = _load_stats(run_dir, shard, report.problems)
+        if stats is None or shard not in on_disk["tars"]:
+            continue
+        entry = (dataset.get("shards") or {}).get(str(shard))
+        entry = entry if isinstance(entry, dict) else None
+        problems, labels, count = _check_shard(run_dir, shard, stats, entry, info, decode_images)
+        report.problems += _capped(shard, problems)
+        report.shards_checked += 1
+        report.samples += count
+        per_class += _recorded_per_class(stats, labels)
+        recorded_samples += stats["count"] if isinstance(stats.get("count"), int) else count
+    report.problems += _totals_problems(dataset, info, per_class, recorded_samples)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run folder
+# ---------------------------------------------------------------------------------------------------
+
+
+def _load_dataset(run_dir: Path, problems: list[str]) -> dict | None:
+    path = run_dir / "dataset.json"
+    if not path.is_file():
+        problems.append(f"{run_dir}: no dataset.json, not a synthgen run folder")
+        return None
+    try:
+        dataset = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path}: unreadable ({exc}), not a synthgen run folder")
+        return None
+    if not isinstance(dataset, dict) or dataset.get("format") != RUN_FORMAT:
+        got = dataset.get("format") if isinstance(dataset, dict) else type(dataset).__name__
+        problems.append(f"{path}: format is {got!r}, expected {RUN_FORMAT!r}; not a synthgen run folder")
+        return None
+    return dataset
+
+
+def _run_info(dataset: dict, problems: list[str]) -> _RunInfo:
+    config = dataset.get("config") or {}
+    fmt = config.get("format")
+    if fmt is not None and fmt not in IMAGE_EXTS:
+        problems.append(f"dataset.json: config format {fmt!r} is not one of {IMAGE_EXTS}")
+        fmt = None
+    size = config.get("image_size")
+    if isinstance(size, int):
+        size = (size, size)
+    elif isinstance(size, (list, tuple)) and len(size) == 2:
+        size = (int(size[1]), int(size[0]))  # stored as (height, width); PIL sizes are (width, height)
+    else:
+        size = None
+    class_names = [str(c) for c in dataset.get("class_names") or []]
+    if not class_names:
+        problems.append("dataset.json: no class_names")
+    return _RunInfo(fmt=fmt, image_size=size, class_names=class_names)
+
+
+def _stray_files(run_dir: Path) -> list[str]:
+    return [
+        f"{p.name}: stray temporary file from an interrupted write (resume removes it)"
+        for p in sorted(run_dir.glob("*.tmp"))
+    ]
+
+
+def _listed_shards(dataset: dict, problems: list[str]) -> set[int]:
+    listed = set()
+    for name in dataset.get("shards") or {}:
+        try:
+            listed.add(int(name))
+        except ValueError:
+            problems.append(f"dataset.json: shard name {name!r} is not an integer")
+    return listed
+
+
+def _shards_on_disk(run_dir: Path) -> dict[str, set[int]]:
+    found: dict[str, set[int]] = {"tars": set(), "stats": set()}
+    for p in run_dir.iterdir():
+        m = re.match(r"^(\d{6})\.(tar|stats\.json)$", p.name)
+        if m:
+            found["tars" if m.group(2) == "tar" else "stats"].add(int(m.group(1)))
+    return found
+
+
+def _shard_set_problems(run_dir: Path, dataset: dict, listed: set[int], on_disk: dict) -> list[str]:
+    tars, stats = on_disk["tars"], on_disk["stats"]
+    tar, st = (lambda k: shard_path(run_dir, k).name), (lambda k: stats_path(run_dir, k).name)
+    out = [f"{tar(k)}: listed as done in dataset.json but has no stats file" for k in sorted(listed - stats)]
+    out += [f"{st(k)}: stats file for a shard dataset.json does not list as done" for k in sorted(stats - listed)]
+    out += [f"{st(k)}: stats file but no tar {tar(k)}" for k in sorted(stats - tars)]
+    out += [f"{tar(k)}: tar without a stats file (never committed)" for k in sorted(tars - stats)]
+    num_shards = dataset.get("num_shards")
+    if isinstance(num_shards, int):
+        out += [f"shard {k}: outside the run's {num_shards} shards" for k in sorted(listed | tars) if k >= num_shards]
+        if dataset.get("complete") and listed != set(range(num_shards)):
+            missing = sorted(set(range(num_shards)) - listed)
+            out.append(f"dataset.json: marked complete but shards {missing[:10]} are not listed as done")
+    return out
+
+
+def _load_stats(run_dir: Path, shard: int, problems: list[str]) -> dict | None:
+    try:
+        stats = read_stats(run_dir, shard)
+    except (OSError, ValueError) as exc:
+        problems.append(f"{stats_path(run_dir, shard).name}: unreadable ({exc})")
+        return None
+    if stats is not None and not isinstance(stats, dict):
+        problems.append(f"{stats_path(run_dir, shard).name}: not a JSON object")
+        return None
+    return stats
+
+
+def _capped(shard: int, problems: list[str]) -> list[str]:
+    if len(problems) <= MAX_PROBLEMS_PER_SHARD:
+        return problems
+    more = len(problems) - MAX_PROBLEMS_PER_SHARD
+    return problems[:MAX_PROBLEMS_PER_SHARD] + [f"shard {shard}: ... and {more} more problems"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# One shard
+# ---------------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            n += len(block)
+    return h.hexdigest(), n
+
+
+def _check_shard(
+    run_dir: Path, shard: int, stats: dict, entry: dict | None, info: _RunInfo, decode_images: bool
+) -> tuple[list[str], Counter[int], int]:
+    """Problems of one shard, its observed per-label counts and its number of samples."""
+    path = shard_path(run_dir, shard)
+    name = path.name
+    problems = _record_problems(path, shard, stats, entry)
+    labels: Counter[int] = Counter()
+    index = 0
+    try:
+        dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None)
+        for sample in dataset:
+            key = sample["__key__"]
+            problems += _key_problems(name, shard, index, key, info)
+            sample_problems, label = _sample_problems(sample, info, decode_images)
+            problems += [f"{name} key {key}: {p}" for p in sample_problems]
+            if label is not None:
+                labels[label] += 1
+            index += 1
+    except _READ_ERRORS as exc:
+        problems.append(f"{name}: unreadable after {index} samples: {type(exc).__name__}: {_reason(exc)}")
+    if index != stats.get("count"):
+        problems.append(f"{name}: holds {index} samples, stats count is {stats.get('count')}")
+    problems += _per_class_problems(name, stats, labels)
+    return problems, labels, index
+
+
+def _reason(exc: BaseException) -> str:
+    # webdataset appends " @ <stream repr>" and the url to the message; the shard is named already.
+    return str(exc.args[0]).split(" @ ")[0] if exc.args else str(exc)
+
+
+def _record_problems(path: Path, shard: int, stats: dict, entry: dict | None) -> list[str]:
+    """Compare the tar's bytes with its stats file, and the stats file with dataset.json."""
+    name = path.name
+    out = []
+    try:
+        digest, size = _sha256(path)
+    except OSError as exc:
+        return [f"{name}: cannot read ({exc})"]
+    if digest != stats.get("sha256"):
+        recorded = str(stats.get("sha256"))[:16]
+        out.append(f"{name}: sha256 {digest[:16]}... differs from stats {recorded}... (modified or truncated)")
+    if "bytes" in stats and size != stats["bytes"]:
+        out.append(f"{name}: {size} bytes, stats say {stats['bytes']}")
+    if "shard" in stats and stats["shard"] != shard:
+        out.append(f"{stats_path(path.parent, shard).name}: says shard {stats['shard']}")
+    for field_name in ("count", "sha256"):
+        if entry is not None and field_name in entry and entry[field_name] != stats.get(field_name):
+            out.append(f"{name}: dataset.json {field_name} {entry[field_name]!r} != stats {stats.get(field_name)!r}")
+    return out
+
+
+def _key_problems(name: str, shard: int, index: int, key: str, info: _RunInfo) -> list[str]:
+    out = []
+    expected = sample_key(shard, index) if index < MAX_SHARD_SIZE else None
+    if "." in key:
+        out.append(f"{name} key {key}: contains a '.'")
+    if key != expected:
+        out.append(f"{name} key {key}: sample {index} should have key {expected}")
+    if key in info.keys:
+        out.append(f"{name} key {key}: duplicate key in the run (members of one sample not adjacent?)")
+    info.keys.add(key)
+    return out
+
+
+def _recorded_per_class(stats: dict, observed: Counter[int]) -> Counter[int]:
+    """The stats file's per-label counts (observed counts where it has none or they are malformed)."""
+    try:
+        return Counter({int(k): int(v) for k, v in stats["per_class"].items()})
+    except (KeyError, AttributeError, TypeError, ValueError):
+        return observed
+
+
+def _per_class_problems(name: str, stats: dict, labels: Counter[int]) -> list[str]:
+    if not isinstance(stats.get("per_class"), dict):
+        return [] if "per_class" not in stats else [f"{name}: stats per_class is not an object"]
+    recorded = {str(k): v for k, v in stats["per_class"].items() if v}
+    observed = {str(k): v for k, v in labels.items()}
+    if recorded == observed:
+        return []
+    observed, recorded = dict(sorted(observed.items())), dict(sorted(recorded.items()))
+    return [f"{name}: per-class counts {observed} != stats per_class {recorded}"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# One sample
+# ---------------------------------------------------------------------------------------------------
+
+
+def _sample_problems(sample: dict, info: _RunInfo, decode_images: bool) -> tuple[list[str], int | None]:
+    """Problems of one sample and its label (None when .cls is unusable)."""
+    members = [k for k in sample if not k.startswith("__")]
+    images = [k for k in members if k in IMAGE_EXTS]
+    out = [f"unexpected member .{k}" for k in members if k not in _KNOWN_MEMBERS]
+    if len(images) != 1:
+        out.append(f"has {len(images)} image members {images}, expected exactly one")
+    elif info.fmt is not None and images[0] != info.fmt:
+        out.append(f"image is .{images[0]}, the run's format is {info.fmt}")
+    expected_order = images[:1] + ["cls", "json"] + (["npy"] if "npy" in sample else [])
+    known = [k for k in members if k in _KNOWN_MEMBERS]
+    if known != expected_order and len(images) == 1 and "cls" in sample and "json" in sample:
+        out.append(f"members in order {known}, expected {expected_order}")
+    label, cls_problems = _parse_cls(sample.get("cls"), len(info.class_names))
+    out += cls_problems
+    out += _meta_problems(sample.get("json"), sample["__key__"], label, info)
+    if "npy" in sample:
+        out += _npy_problems(sample["npy"])
+    if decode_images and len(images) == 1:
+        out += _image_problems(sample[images[0]], images[0], info.image_size)
+    return out, label
+
+
+def _parse_cls(raw: bytes | None, num_classes: int) -> tuple[int | None, list[str]]:
+    if raw is None:
+        return None, ["no .cls member"]
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return None, [f".cls {raw[:20]!r} is not an ASCII integer"]
+    if not 0 <= label < num_classes:
+        return None, [f".cls {label} is outside [0, {num_classes})"]
+    return label, []
+
+
+def _meta_problems(raw: bytes | None, key: str, label: int | None, info: _RunInfo) -> list[str]:
+    if raw is None:
+        return ["no .json member"]
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return [f".json does not parse ({exc})"]
+    if not isinstance(meta, dict):
+        return [".json is not an object"]
+    out = [f".json lacks {k!r}" for k in REQUIRED_META if k not in meta]
+    if label is not None and "label" in meta and meta["label"] != label:
+        out.append(f".json label {meta['label']!r} != .cls {label}")
+    if label is not None and "class_name" in meta and str(meta["class_name"]) != info.class_names[label]:
+        out.append(f".json class_name {meta['class_name']!r} != class_names[{label}] {info.class_names[label]!r}")
+    if "key" in meta and meta["key"] != key:
+        out.append(f".json key {meta['key']!r} != sample key")
+    score = meta.get("score")
+    if score is not None and not (isinstance(score, (int, float)) and math.isfinite(score)):
+        out.append(f".json score {score!r} is neither a finite number nor null")
+    sample_id = meta.get("sample_id")
+    if isinstance(sample_id, (int, str)):
+        if sample_id in info.sample_ids:
+            out.append(f".json sample_id {sample_id!r} appears twice in the run")
+        info.sample_ids.add(sample_id)
+    return out
+
+
+def _npy_problems(raw: bytes) -> list[str]:
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        return [f".npy does not load ({exc})"]
+    return [] if arr.dtype == np.float16 else [f".npy dtype {arr.dtype}, expected float16"]
+
+
+def _image_problems(raw: bytes, ext: str, size: tuple[int, int] | None) -> list[str]:
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            img.load()
+            fmt, got = img.format, img.size
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        return [f".{ext} does not decode ({exc})"]
+    out = []
+    if fmt != _PIL_FORMATS[ext]:
+        out.append(f".{ext} holds a {fmt} image")
+    if size is not None and got != size:
+        out.append(f"image is {got[0]}x{got[1]}, the run's image size is {size[0]}x{size[1]}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole run
+# ---------------------------------------------------------------------------------------------------
+
+
+def _totals_problems(dataset: dict, info: _RunInfo, per_class: Counter[int], samples: int) -> list[str]:
+    """Compare dataset.json's per-class counts and totals with the sums over the stats files."""
+    names = info.class_names
+    out = [
+        f"stats files count {v} samples of label {k}, outside the run's {len(names)} classes"
+        for k, v in sorted(per_class.items())
+        if v and not 0 <= k < len(names)
+    ]
+    summed = {names[k]: v for k, v in per_class.items() if 0 <= k < len(names) and v}
+    recorded = dataset.get("per_class_counts")
+    recorded = {str(k): v for k, v in recorded.items() if v} if isinstance(recorded, dict) else {}
+    for name in sorted(set(summed) | set(recorded)):
+        if summed.get(name, 0) != recorded.get(name, 0):
+            out.append(
+                f"class {name!r}: {summed.get(name, 0)} samples in the stats files, "
+                f"dataset.json per_class_counts says {recorded.get(name, 0)}"
+            )
+    total = (dataset.get("totals") or {}).get("samples")
+    if total is not None and total != samples:
+        out.append(f"dataset.json totals samples {total} != {samples} samples in the stats files")
+    n = (dataset.get("config") or {}).get("n")
+    if dataset.get("complete") and isinstance(n, int) and samples != n:
+        out.append(f"dataset.json is marked complete but the stats files count {samples} samples, config n is {n}")
+    return out

@@ -1,0 +1,1 @@
+"""ONNX export and inference-engine builders (see DESIGN.md)."""
