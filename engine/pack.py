@@ -247,10 +247,10 @@ def load_pack(
         encoder = ImageEncoder(config.encoder, net).to(device=device, dtype=dtype).eval()
     if "denoiser" in components:
         spec = config.denoiser
-        denoiser = Denoiser(spec.kind, load("denoiser", lambda: build_denoiser_module(spec.kind, spec.config)))
+        denoiser = Denoiser(spec.kind, load("denoiser", lambda: build_denoiser_module(spec.kind, spec.config))).eval()
     if "vae" in components and config.vae is not None:
         v = config.vae
-        vae = LatentDecoder(v.kind, load("vae", lambda: build_vae_module(v.kind, v.config)), v.scaling_factor)
+        vae = LatentDecoder(v.kind, load("vae", lambda: build_vae_module(v.kind, v.config)), v.scaling_factor).eval()
     return Pack(root, config, pack_hash(config), encoder, denoiser, vae, _null_condition(root, config))
 
 

@@ -1,0 +1,34 @@
+# Two quick-start commands; each sets up its own virtual environment on a fresh machine.
+#   make demo   generate a small dataset with a random tiny pack and verify it
+#   make test   run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.14.1 + torchvision 0.29.1 resolve from the package registry (a CUDA build that also runs on CPU).
+TORCH := torch==2.14.1 torchvision==0.29.1
+N ?= 2k
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/synthgen pack random --preset tiny --out demo/packs/tiny
+	$(BIN)/synthgen embed --images builtin:digits:train --pack demo/packs/tiny --out demo/banks/digits
+	$(BIN)/synthgen generate --n $(N) --pack demo/packs/tiny --bank demo/banks/digits --out demo/runs/tiny \
+		--steps 10 --shard-size 500 --min-score 0.2
+	$(BIN)/synthgen verify demo/runs/tiny
+	$(BIN)/synthgen preview demo/runs/tiny --out demo/preview.png
+
+test: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf demo .pytest_cache
