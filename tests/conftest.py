@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+
+# No GPU here: run the Triton kernels in Triton's CPU interpreter. It must be set before any @triton.jit
+# decorator runs, i.e. before anything imports synthgen.kernels. Checked without importing torch.
+if not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Two cores: one intra-op thread per process keeps OpenMP from spinning against pytest's own work.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from synthgen.kernels import dispatch as kernels
+
 __all__ = [
     "DIT_PRESETS",
     "DiT",
@@ -209,8 +211,8 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)  # (B, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, Dh)
-        # SDPA picks a fused kernel per device (flash / mem-efficient on GPU) without materialising T x T.
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh)
+        # Our fused Triton kernel on CUDA, else SDPA (a fused kernel per device); neither materialises T x T.
+        y = kernels.attention(q, k, v)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(y)
 
@@ -241,8 +243,11 @@ class DiTBlock(nn.Module):
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         mod = self.adaLN_modulation(c)  # (B, 6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=1)  # 6 x (B, D)
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a))  # (B, T, D)
-        x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (B, T, D)
+        # x + gate * f(modulate(norm(x))), with norm + modulate and the gated add each one fused pass on CUDA.
+        h = self.attn(kernels.layernorm_modulate(x, shift_a, scale_a, self.norm1.eps))  # (B, T, D)
+        x = kernels.gated_residual(x, gate_a, h)  # (B, T, D)
+        h = self.mlp(kernels.layernorm_modulate(x, shift_m, scale_m, self.norm2.eps))  # (B, T, D)
+        x = kernels.gated_residual(x, gate_m, h)  # (B, T, D)
         return x
 
 
@@ -257,7 +262,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, D)
-        return self.linear(modulate(self.norm(x), shift, scale))  # (B, T, p*p*C)
+        return self.linear(kernels.layernorm_modulate(x, shift, scale, self.norm.eps))  # (B, T, p*p*C)
 
 
 # ------------------------------------------------------------------------------------------------------
