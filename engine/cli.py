@@ -156,6 +156,9 @@ def generate(
     shards: Optional[str] = typer.Option(None, help="Only shards A:B (half-open), e.g. for a SLURM array."),
     overwrite: bool = typer.Option(False, help="Delete this folder's shards and start afresh (default: resume)."),
     progress: bool = typer.Option(_default("progress"), help="Show a progress bar."),
+    engine: Optional[Path] = typer.Option(None, help="Engine folder from 'synthgen build-engine' (refused when stale)."),
+    backend: str = typer.Option(_default("backend"), help="eager | compile | ort | trt | auto: without --engine, "
+                                "build engines into PACK/.engines on first use."),
 ):
     """Generate --n labelled synthetic images into WebDataset shards; resumes by default.
 
@@ -176,7 +179,7 @@ def generate(
         balance=balance, min_score=min_score, keep_top=keep_top, keep_top_group=keep_top_group,
         max_oversample=max_oversample, seed=seed, shard_size=shard_size, format=format, quality=quality,
         save_cond=save_cond, dtype=dtype, batch=batch, device=device, shards=shards, overwrite=overwrite,
-        progress=progress,
+        progress=progress, engine=engine, backend=backend,
     )
     summary = run_generate(config)
     _say(summary.lines())
@@ -217,6 +220,47 @@ def preview(
 
     path = make_preview(run, out, per_class=per_class)
     typer.echo(f"wrote {path}")
+
+
+# ---- build-engine ------------------------------------------------------------------------------------
+
+
+@app.command("build-engine")
+def build_engine_cmd(
+    pack: Path = typer.Option(..., help="Model pack folder."),
+    out: Path = typer.Option(..., help="Engine folder to write (manifest.json + artifacts)."),
+    backend: str = typer.Option("ort", help="trt | ort | compile | eager | auto (fastest within tolerance here)."),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (bf16: compile/eager on CPU, trt on GPU)."),
+    batch: int = typer.Option(64, min=1, help="Batch size the engines are optimized (and timed) for."),
+    batch_buckets: Optional[str] = typer.Option(None, help="Static batch buckets, e.g. 8,32,128 (smaller batches "
+                                                "are padded up to a bucket)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Export the pack's denoiser, VAE decoder and encoder and build inference engines for them.
+
+    Each component is checked against eager fp32 on fresh random inputs; the errors, shapes, device and
+    library versions go into ENGINE_DIR/manifest.json. Use the folder with 'synthgen generate --engine'.
+
+    Examples:
+
+      synthgen build-engine --pack packs/small --backend ort --out engines/small-ort
+
+      synthgen build-engine --pack P --backend trt --precision fp16 --batch 64 --batch-buckets 8,32,64 --out E
+    """
+    from synthgen.engines import build_engine
+    from synthgen.pipeline import resolve_device
+
+    try:
+        buckets = tuple(int(b) for b in batch_buckets.split(",") if b.strip()) if batch_buckets else ()
+    except ValueError:
+        raise UsageError(f"--batch-buckets {batch_buckets!r} must be comma-separated integers, e.g. 8,32,128")
+    manifest = build_engine(pack, out, backend, precision, batch, buckets, resolve_device(device))
+    typer.echo(f"built {backend} {precision} engines for pack {manifest.pack_name} ({manifest.pack_hash}) "
+               f"in {manifest.build_seconds:.1f} s -> {out}")
+    for name, c in manifest.components.items():
+        shape = f"buckets {c.buckets}" if c.buckets else f"batch 1..{c.max_batch}"
+        typer.echo(f"  {name:<9} {c.backend:<8} {shape:<22} max abs err {c.error['max_abs']:.2e}  "
+                   f"rel {c.error['max_rel']:.2e} (tol {c.error['tolerance']:.0e})")
 
 
 def main() -> None:

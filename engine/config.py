@@ -20,8 +20,11 @@ from synthgen.samplers import SAMPLERS
 FORMATS = ("jpg", "webp", "png")
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-# Execution settings: changing them never changes which image a sample id gets.
-EXECUTION_FIELDS = ("out", "pack", "bank", "batch", "device", "shards", "overwrite", "progress")
+BACKENDS = ("eager", "compile", "ort", "trt", "auto")
+# Execution settings: changing them never changes which image a sample id gets. `engine` / `backend`
+# run the same networks through another runtime: images match the eager run within the error the engine
+# recorded against eager when it was built (manifest.json), not bitwise.
+EXECUTION_FIELDS = ("out", "pack", "bank", "batch", "device", "shards", "overwrite", "progress", "engine", "backend")
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
@@ -85,6 +88,8 @@ class GenerateConfig:
     shards: tuple[int, int] | None = None
     overwrite: bool = False
     progress: bool = True
+    engine: Path | None = None  # an engine folder from 'synthgen build-engine' (refused when stale)
+    backend: str = "eager"  # without --engine: build engines for this backend into a cache on first use
 
     def __post_init__(self):
         object.__setattr__(self, "n", parse_count(self.n))
@@ -98,6 +103,11 @@ class GenerateConfig:
         _choice("--format", self.format, FORMATS)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--device", self.device, DEVICES)
+        _choice("--backend", self.backend, BACKENDS)
+        if self.engine is not None:
+            object.__setattr__(self, "engine", Path(self.engine))
+            if self.backend != "eager":
+                raise UsageError("give --engine ENGINE_DIR or --backend, not both: the engine folder names its backend")
         _at_least("--steps", self.steps, 1)
         _at_least("--batch", self.batch, 1)
         _at_least("--max-oversample", self.max_oversample, 1)
@@ -137,7 +147,7 @@ class GenerateConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("out", "pack", "bank"):
+        for k in ("out", "pack", "bank", "engine"):
             d[k] = None if d[k] is None else str(d[k])
         d["shards"] = list(self.shards) if self.shards else None
         return d

@@ -76,6 +76,10 @@ def load_engine(cfg: GenerateConfig) -> Engine:
     dtype = TORCH_DTYPES[cfg.dtype]
     bank = load_bank(resolve_bank_path(cfg))
     pack = load_pack(cfg.pack, device=device, dtype=dtype)
+    if cfg.engine is not None or cfg.backend != "eager":
+        from synthgen.engines import attach_engines  # swaps pack.denoiser/vae/encoder for engine-backed callables
+
+        attach_engines(pack, device, cfg.engine, cfg.backend, cfg.dtype, cfg.batch, cfg.cfg)
     check_bank_fits_pack(bank, pack.config, cfg.pack)
     planner = Planner(bank.labels, bank.class_names, cfg.plan_config)
     sampler = make_plan(cfg.sampler, pack.config.schedule, cfg.steps, device=device)

@@ -1,0 +1,176 @@
+"""Backends side by side: images/s per component, backend and precision at several batch sizes, one run.
+
+    python bench/bench_backends.py                      # small preset, batches 8 and 64, this machine
+    python bench/bench_backends.py --batches 8,32,64 --repeats 5
+
+For each (component, batch) every configuration sees the same random inputs; the ratio is against eager
+fp32 at that batch, the error is max|y - y_eager_fp32| / max|y_eager_fp32|. Median of --repeats after one
+warm-up call; build (export / compile) time is reported apart. FLOP/img comes from synthgen.flops and the
+share of peak uses a bf16 / fp32 2048^3 matmul measured in the same run. Writes a table and
+bench/results/backends_<device>.json + .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from synthgen.engines import COMPONENT_IO, random_inputs
+from synthgen.export.backends import (
+    CompiledBackend, EagerBackend, OrtBackend, aot_compile, median_seconds, ort_session, output_error,
+    unavailable_reason,
+)
+from synthgen.export.manifest import device_info, library_versions
+from synthgen.flops import pack_costs
+from synthgen.pack import load_pack
+from synthgen.presets import write_random_pack
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, warmup=0, repeats=1)
+
+
+def build(config_name: str, pack, component: str, batch: int, work: Path):
+    """(backend, build seconds) for one configuration name like 'ort fp32'."""
+    backend, precision = config_name.split()
+    module = getattr(pack, component)
+    io = COMPONENT_IO[component]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    start = time.perf_counter()
+    if backend == "eager":
+        low = module if dtype == torch.float32 else __import__("copy").deepcopy(module).to(dtype)
+        return EagerBackend(low, io.keep_dtype), 0.0
+    if backend == "compile":
+        low = __import__("copy").deepcopy(module).to(dtype)
+        example = tuple(x if i in io.keep_dtype else x.to(dtype) for i, x in
+                        enumerate(random_inputs(pack.config, component, batch, 0, "cpu")))
+        path = aot_compile(low, example, work / f"{component}.{precision}.b{batch}.pt2")
+        return CompiledBackend.from_packages({batch: path}, "cpu", dtype, io.keep_dtype), time.perf_counter() - start
+    from synthgen.export.onnx_export import export_onnx
+
+    onnx_path = work / f"{component}.onnx"
+    if not onnx_path.exists():
+        export_onnx(module, random_inputs(pack.config, component, 2, 0, "cpu"), onnx_path, list(io.inputs),
+                    [io.output])
+    path = onnx_path
+    if precision == "fp16":
+        import onnx
+
+        from synthgen.export.precision import convert_precision
+
+        path = work / f"{component}.fp16.onnx"
+        if not path.exists():
+            onnx.save(convert_precision(onnx.load(str(onnx_path)), "fp16"), str(path))
+    optimized = path.with_suffix(".opt.onnx")
+    ort_session(path, torch.device("cpu"), optimized_path=optimized)
+    return OrtBackend.load(optimized, "cpu", dtype, 1 << 16, preoptimized=True), time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batches", default="8,64")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--components", default="denoiser,vae,encoder")
+    ap.add_argument("--configs", default="eager fp32,eager bf16,ort fp32,ort fp16,compile bf16")
+    ap.add_argument("--compile-batches", default="64", help="batches at which compile (AOTInductor) is built")
+    ap.add_argument("--slow-call-s", type=float, default=4.0, help="time slower configurations once")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    compile_batches = {int(b) for b in args.compile_batches.split(",") if b}
+    configs = [c.strip() for c in args.configs.split(",")]
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="bench-backends-"))
+    write_random_pack(args.preset, work / "pack")
+    pack = load_pack(work / "pack")
+    flops = {c.name: c.flops for c in pack_costs(pack.config)}
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    rows = []
+    for component in args.components.split(","):
+        if getattr(pack, component, None) is None:
+            continue
+        for batch in batches:
+            inputs = random_inputs(pack.config, component, batch, seed=batch, device="cpu")
+            with torch.inference_mode():
+                reference = getattr(pack, component)(*inputs)
+            base = None
+            for name in configs:
+                backend_name, precision = name.split()
+                if backend_name == "compile" and batch not in compile_batches:
+                    continue
+                reason = unavailable_reason(backend_name, "cpu", precision)
+                if reason:
+                    rows.append({"component": component, "batch": batch, "config": name, "skipped": reason})
+                    continue
+                backend, built = build(name, pack, component, batch, work)
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    out = backend.run(*inputs)
+                    first = time.perf_counter() - start
+                    # A configuration that is hopeless here (e.g. bf16 emulated without AVX-512-BF16) is timed
+                    # once instead of warm-up + repeats, so one run stays within minutes.
+                    seconds = first if first > args.slow_call_s else median_seconds(
+                        lambda: backend.run(*inputs), warmup=0, repeats=args.repeats)
+                err = output_error(reference, out)
+                base = seconds if name == "eager fp32" else base
+                per_img = flops.get(component, 0)
+                peak = peaks["bf16" if precision == "bf16" else "fp32"]
+                rows.append({
+                    "component": component, "batch": batch, "config": name, "images_per_s": batch / seconds,
+                    "seconds": seconds, "ratio_vs_eager_fp32": (base / seconds) if base else None,
+                    "timed_once": first > args.slow_call_s, "max_rel_err": err["max_rel"], "max_abs_err": err["max_abs"], "build_s": round(built, 1),
+                    "gflop_per_img": per_img / 1e9, "share_of_peak": per_img * batch / seconds / peak,
+                })
+                print(_line(rows[-1]), flush=True)
+    doc = {
+        "preset": args.preset, "device": device_info("cpu"), "machine": platform.platform(),
+        "versions": library_versions(), "threads": torch.get_num_threads(),
+        "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
+        "command": "python bench/bench_backends.py " + " ".join(
+            f"--{k.replace('_', '-')} '{v}'" for k, v in vars(args).items() if v is not None),
+        "rows": rows,
+    }
+    out = args.out or RESULTS / f"backends_{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    out.with_suffix(".md").write_text(_markdown(doc))
+    print(_markdown(doc))
+
+
+def _line(r: dict) -> str:
+    ratio = f"{r['ratio_vs_eager_fp32']:.2f}x" if r.get("ratio_vs_eager_fp32") else "-"
+    return (f"{r['component']:<9} b={r['batch']:<4} {r['config']:<13} {r['images_per_s']:>9.1f} img/s  {ratio:>6}  "
+            f"rel err {r['max_rel_err']:.1e}  peak {r['share_of_peak']:.0%}  build {r['build_s']:.0f}s")
+
+
+def _markdown(doc: dict) -> str:
+    lines = [
+        f"# Backends on {doc['device']['name']} ({doc['threads']} threads), preset `{doc['preset']}`", "",
+        f"matmul peak: fp32 {doc['matmul_peak_gflops']['fp32']} GFLOP/s, bf16 {doc['matmul_peak_gflops']['bf16']} "
+        f"GFLOP/s; torch {doc['versions']['torch']}, onnxruntime {doc['versions'].get('onnxruntime')}", "",
+        f"`{doc['command']}`", "",
+        "| component | batch | backend | img/s | vs eager fp32 | rel err | GFLOP/img | share of peak | build s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in doc["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['component']} | {r['batch']} | {r['config']} | skipped: {r['skipped']} | | | | | |")
+            continue
+        ratio = f"{r['ratio_vs_eager_fp32']:.2f}x" if r["ratio_vs_eager_fp32"] else "-"
+        lines.append(f"| {r['component']} | {r['batch']} | {r['config']} | {r['images_per_s']:.1f} | {ratio} | "
+                     f"{r['max_rel_err']:.1e} | {r['gflop_per_img']:.3f} | {r['share_of_peak']:.0%} | {r['build_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
