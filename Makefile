@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 N ?= 2k
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test default-pack compare clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,16 @@ demo: setup
 		--steps 10 --shard-size 500 --min-score 0.2
 	$(BIN)/synthgen verify demo/runs/tiny
 	$(BIN)/synthgen preview demo/runs/tiny --out demo/preview.png
+
+# Retrain the shipped default pack from scratch (digits train split, fixed seeds; ~25 min on 2 cores).
+default-pack: setup
+	rm -rf engine/default_pack.new
+	$(BIN)/synthgen train default-pack --out engine/default_pack.new
+	rm -rf engine/default_pack && mv engine/default_pack.new engine/default_pack
+
+# The classifier study of bench/compare.py (~1 h on 2 cores); results land in bench/results/compare/.
+compare: setup
+	$(BIN)/python bench/compare.py --out bench/results/compare
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q

@@ -97,6 +97,35 @@ def to_float_chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
 
 
+def write_bank(
+    out: str | Path, embeddings: torch.Tensor, labels: list[int], keys: list[str], class_names: list[str],
+    encoder: str, source: str, extra: dict | None = None,
+) -> dict:
+    """Write BANK/embeddings.safetensors and BANK/bank.json (each atomically); returns bank.json's content.
+
+    embeddings (N, D) float (stored float16), labels (N,) ints into class_names, keys (N,) unique ids.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "embeddings.safetensors.tmp"
+    save_file({"embeddings": embeddings.detach().half().contiguous(),
+               "labels": torch.tensor(labels, dtype=torch.int64)}, str(tmp))
+    tmp.replace(out / "embeddings.safetensors")
+    counts = Counter(labels)
+    meta = {
+        "format": BANK_FORMAT, "source": source, "encoder_id": encoder, "dim": embeddings.shape[1],
+        "class_names": class_names,
+        "per_class_counts": {name: counts.get(i, 0) for i, name in enumerate(class_names)},
+        "keys": keys, "num_embedded": len(keys), **(extra or {}),
+    }
+    tmp = out / "bank.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(out / "bank.json")
+    return meta
+
+
 def build_bank(
     images: str,
     pack: str | Path,
@@ -107,7 +136,6 @@ def build_bank(
     progress: bool = True,
 ) -> dict:
     """Encode every readable image of `images` (see sources.open_source) and write a bank; returns a summary."""
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from synthgen.sources import open_source
@@ -143,26 +171,7 @@ def build_bank(
     embeddings = torch.cat(chunks)
     if not torch.isfinite(embeddings).all():
         raise UsageError("the encoder produced non-finite embeddings; check the pack's encoder weights")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "embeddings.safetensors.tmp"
-    save_file({"embeddings": embeddings.half(), "labels": torch.tensor(labels, dtype=torch.int64)}, str(tmp))
-    tmp.replace(out / "embeddings.safetensors")
-    counts = Counter(labels)
-    meta = {
-        "format": BANK_FORMAT,
-        "source": images,
-        "pack": str(pack),
-        "encoder_id": encoder_id(config),
-        "dim": embeddings.shape[1],
-        "class_names": source.class_names,
-        "per_class_counts": {name: counts.get(i, 0) for i, name in enumerate(source.class_names)},
-        "keys": keys,
-        "num_embedded": len(keys),
-        "num_skipped": len(skipped),
-        "skipped": skipped,
-    }
-    tmp = out / "bank.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(out / "bank.json")
+    meta = write_bank(out, embeddings, labels, keys, source.class_names, encoder_id(config), source=images,
+                      extra={"pack": str(pack), "num_skipped": len(skipped), "skipped": skipped})
     seconds = time.perf_counter() - start
     return {"embedded": len(keys), "skipped": skipped, "seconds": seconds, "out": str(out), "dim": meta["dim"]}

@@ -132,7 +132,8 @@ def embed(
 def generate(
     n: str = typer.Option(..., "--n", help="Images to generate: 1000, 10k, 1M, 1e6."),
     out: Path = typer.Option(..., help="Run folder (shards, stats files, dataset.json)."),
-    pack: Path = typer.Option(..., help="Model pack folder."),
+    pack: Optional[Path] = typer.Option(None, help="Model pack folder (default: the trained digits pack shipped "
+                                        "inside synthgen)."),
     bank: Optional[Path] = typer.Option(None, help="Embedding bank (default: PACK/bank)."),
     sampler: str = typer.Option(_default("sampler"), help=" | ".join(SAMPLERS)),
     steps: int = typer.Option(_default("steps"), min=1, help="Denoising steps."),
@@ -261,6 +262,141 @@ def build_engine_cmd(
         shape = f"buckets {c.buckets}" if c.buckets else f"batch 1..{c.max_batch}"
         typer.echo(f"  {name:<9} {c.backend:<8} {shape:<22} max abs err {c.error['max_abs']:.2e}  "
                    f"rel {c.error['max_rel']:.2e} (tol {c.error['tolerance']:.0e})")
+
+
+# ---- train / eval -------------------------------------------------------------------------------------
+
+train_app = typer.Typer(help="Train encoders, denoisers and classifiers inside synthgen.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("encoder")
+def train_encoder_cmd(
+    images: str = typer.Option(..., help="Training images (same forms as 'embed --images')."),
+    out: Path = typer.Option(..., help="Pack folder to create; it holds the encoder until 'train denoiser'."),
+    steps: int = typer.Option(1200, min=1, help="Optimisation steps."),
+    image_size: int = typer.Option(16, min=8, help="Image side in pixels (the pack's image size)."),
+    dim: int = typer.Option(64, min=8, help="Embedding width."),
+    depth: int = typer.Option(3, min=1, help="Transformer blocks."),
+    batch: int = typer.Option(256, min=2, help="Images per step (two views each)."),
+    seed: int = typer.Option(0, min=0),
+):
+    """Train a small self-supervised ViT encoder (SimCLR, DINOv2 layout) and start a pack with it.
+
+    Example: synthgen train encoder --images builtin:digits:train --out packs/digits
+    """
+    from synthgen.train.encoder import EncoderTrainConfig
+    from synthgen.train.packs import default_configs, train_encoder_pack
+
+    enc = EncoderTrainConfig(steps=steps, image_size=image_size, dim=dim, depth=depth, batch=batch, seed=seed,
+                             heads=max(1, dim // 32))
+    train_encoder_pack(images, out, enc, default_configs()[1])
+    typer.echo(f"wrote encoder pack {out}; next: synthgen embed --images {images} --pack {out} --out {out}/bank")
+
+
+@train_app.command("denoiser")
+def train_denoiser_cmd(
+    pack: Path = typer.Option(..., help="Pack with a trained encoder."),
+    images: str = typer.Option(..., help="Training images, in the bank's order (the source the bank embedded)."),
+    bank: Optional[Path] = typer.Option(None, help="Bank of those images (default PACK/bank); unused with --cond class."),
+    cond: str = typer.Option("rep", help="rep: condition on the bank's embeddings | class: learned class embeddings."),
+    out: Optional[Path] = typer.Option(None, help="Write a new pack here (default: train into --pack)."),
+    steps: int = typer.Option(6000, min=1, help="Optimisation steps (resumes from OUT/.checkpoint)."),
+    batch: int = typer.Option(128, min=1),
+    hidden: int = typer.Option(128, min=16, help="DiT width."),
+    depth: int = typer.Option(4, min=1, help="DiT blocks."),
+    cond_dropout: float = typer.Option(0.1, min=0.0, max=0.99, help="Condition dropout (learns the null for CFG)."),
+    seed: int = typer.Option(0, min=0),
+):
+    """Train the pack's DiT denoiser with condition dropout and EMA; checkpoints are safetensors and resume.
+
+    --cond class trains the class-conditioned baseline with the same architecture and budget.
+
+    Example: synthgen train denoiser --pack packs/digits --images builtin:digits:train
+    """
+    from synthgen.train.denoiser import DenoiserTrainConfig
+    from synthgen.train.packs import train_denoiser_into_pack
+
+    den = DenoiserTrainConfig(cond=cond, steps=steps, batch=batch, hidden=hidden, depth=depth,
+                              heads=max(1, hidden // 32), cond_dropout=cond_dropout, seed=seed)
+    path = train_denoiser_into_pack(pack, images, bank or pack / "bank", den, out=out)
+    typer.echo(f"wrote pack {path}")
+
+
+@train_app.command("default-pack")
+def train_default_pack_cmd(
+    out: Path = typer.Option(..., help="Where to write the pack (the shipped one lives in engine/default_pack)."),
+    quick: bool = typer.Option(False, help="Plumbing-sized recipe (seconds, not minutes; images are poor)."),
+):
+    """Rebuild the default pack from scratch on the digits train split, reproducibly (fixed seeds)."""
+    from synthgen.train.packs import build_pack_from_scratch, default_configs
+
+    enc, den = default_configs(quick)
+    report = build_pack_from_scratch("builtin:digits:train", out, enc, den, probe="builtin:digits:test")
+    typer.echo(f"wrote {out}; encoder k-NN top-1 on the digits test split: {report['knn_top1']:.3f}")
+
+
+@train_app.command("classifier")
+def train_classifier_cmd(
+    train: list[str] = typer.Option(..., help="Training shards: run folder, glob or brace pattern (repeatable), "
+                                    "or a real source such as builtin:digits:train."),
+    val: Optional[str] = typer.Option(None, help="Real held-out images to report on, e.g. builtin:digits:test."),
+    out: Path = typer.Option(..., help="Checkpoint folder to write."),
+    arch: str = typer.Option("resnet18", help="timm model name."),
+    width: int = typer.Option(16, min=4, help="ResNet base width (64 = standard)."),
+    input_size: int = typer.Option(16, min=8, help="Input side in pixels."),
+    steps: int = typer.Option(600, min=1, help="Optimisation steps (a fixed budget across data set sizes)."),
+    aug: str = typer.Option("standard", help="none | standard (classical augmentation)."),
+    seed: int = typer.Option(0, min=0),
+):
+    """Train a classifier from WebDataset shards (read with the webdataset loader) and/or real images.
+
+    Example: synthgen train classifier --train runs/digits --val builtin:digits:test --out clf/synth
+    """
+    from synthgen.train.classifier import ClassifierConfig, evaluate, save_classifier, train_classifier
+
+    config = ClassifierConfig(arch=arch, width=width, input_size=input_size, steps=steps, aug=aug, seed=seed)
+    data = load_training_sets(train, input_size)
+    val_set = _load_real(val, input_size) if val else None
+    model, history = train_classifier(data, config, val=val_set)
+    save_classifier(model, config, data.class_names, out, history)
+    if val_set is not None:
+        _print_eval(evaluate(model, val_set, input_size))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Option(..., help="Checkpoint folder from 'synthgen train classifier'."),
+    images: str = typer.Option("builtin:digits:test", help="Real held-out images."),
+):
+    """Top-1, top-5 and per-class accuracy of a classifier on real held-out images."""
+    from synthgen.train.classifier import evaluate, load_classifier
+
+    net, config, _ = load_classifier(model)
+    _print_eval(evaluate(net, _load_real(images, config.input_size), config.input_size))
+
+
+def load_training_sets(specs: list[str], size: int):
+    """Concatenate shard sets and real sources (builtin:..., class folders) into one ImageSet."""
+    import torch
+
+    from synthgen.train.data import ImageSet, load_shards
+
+    sets = [_load_real(s, size) if s.startswith("builtin:") else load_shards(s, size) for s in specs]
+    names = max((s.class_names for s in sets), key=len)
+    return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), names,
+                    [k for s in sets for k in s.keys])
+
+
+def _load_real(spec: str, size: int):
+    from synthgen.train.data import load_images
+
+    return load_images(spec, size)
+
+
+def _print_eval(result: dict) -> None:
+    typer.echo(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  on {result['n']} images")
+    typer.echo("per class: " + "  ".join(f"{k}:{v:.3f}" for k, v in result["per_class"].items() if v is not None))
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ def parse_shard_range(text: str | None) -> tuple[int, int] | None:
 class GenerateConfig:
     n: int
     out: Path
-    pack: Path
+    pack: Path | None = None  # default: the trained digits pack inside the package
     bank: Path | None = None  # default: the pack's own bank folder PACK/bank when it has one
     sampler: str = "dpmpp_2m"
     steps: int = 20
@@ -94,7 +94,7 @@ class GenerateConfig:
     def __post_init__(self):
         object.__setattr__(self, "n", parse_count(self.n))
         object.__setattr__(self, "out", Path(self.out))
-        object.__setattr__(self, "pack", Path(self.pack))
+        object.__setattr__(self, "pack", resolve_pack(self.pack))
         if self.bank is not None:
             object.__setattr__(self, "bank", Path(self.bank))
         if isinstance(self.shards, str):
@@ -151,6 +151,20 @@ class GenerateConfig:
             d[k] = None if d[k] is None else str(d[k])
         d["shards"] = list(self.shards) if self.shards else None
         return d
+
+
+def resolve_pack(pack: str | Path | None) -> Path:
+    """--pack, or the default pack shipped inside the package."""
+    from synthgen.pack import DEFAULT_PACK
+
+    if pack is not None:
+        return Path(pack)
+    if not (DEFAULT_PACK / "pack.json").is_file():
+        raise UsageError(
+            f"no --pack given and the default pack is not installed at {DEFAULT_PACK}; rebuild it with "
+            "'make default-pack' or pass --pack (e.g. one from 'synthgen pack random --preset tiny')"
+        )
+    return DEFAULT_PACK
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:

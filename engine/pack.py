@@ -29,6 +29,8 @@ from synthgen.models.vae import VAE_KINDS, LatentDecoder, build_vae_module, vae_
 from synthgen.samplers import NoiseSchedule
 
 PACK_FORMAT = "synthgen-pack/1"
+# The trained digits pack that ships inside the package (`make default-pack` rebuilds it).
+DEFAULT_PACK = Path(__file__).resolve().parent / "default_pack"
 PACK_JSON = "pack.json"
 COMPONENTS = ("encoder", "denoiser", "vae", "extras")
 NULL_CONDITIONS = ("zeros", "learned")
@@ -251,7 +253,9 @@ def load_pack(
     if "vae" in components and config.vae is not None:
         v = config.vae
         vae = LatentDecoder(v.kind, load("vae", lambda: build_vae_module(v.kind, v.config)), v.scaling_factor).eval()
-    return Pack(root, config, pack_hash(config), encoder, denoiser, vae, _null_condition(root, config))
+    # The null condition belongs to the denoiser: an encoder-only load (embed) does not need extras.
+    null = _null_condition(root, config) if denoiser is not None else torch.zeros(config.denoiser.cond_dim)
+    return Pack(root, config, pack_hash(config), encoder, denoiser, vae, null)
 
 
 def _null_condition(root: Path, config: PackConfig) -> torch.Tensor:

@@ -33,7 +33,8 @@ def layernorm_modulate_ref(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:
     """x (B, T, D), shift/scale (B, D) -> (B, T, D). The exact ops of the unfused DiT block."""
-    normed = F.layer_norm(x, (x.shape[-1],), None, None, eps)
+    # int(): a traced size would be a tensor, which the TorchScript ONNX exporter cannot take as a shape.
+    normed = F.layer_norm(x, (int(x.shape[-1]),), None, None, eps)
     return normed * (1 + scale[:, None]) + shift[:, None]
 
 

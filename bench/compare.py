@@ -1,0 +1,187 @@
+"""The paper's comparison at small scale: does representation-conditioned synthetic data train classifiers?
+
+Every arm trains the same classifier (same architecture, same optimisation budget in steps) and is scored
+on the real digits test split, which no model, bank or filter has seen. Arms:
+
+  real                      the real train split (1347 images), no augmentation
+  real+aug                  the same with classical augmentation
+  class-cond 10x            class-conditioned baseline pack (same DiT, same budget), 10x real size
+  rep reuse / perturb / interpolate 10x
+  rep reuse + min-score / keep-top 10x   conditioning-space filtering
+  rep reuse 1x / 5x         data set size
+  real + rep reuse 10x      real plus synthetic, vs real + classical augmentation
+  sampler: ddpm 100 vs dpmpp_2m 4 / 8 / 16 (1x)
+
+Synthetic sets are generated once per arm (seeded); classifiers are trained with `--seeds` seeds and the
+table reports mean and standard deviation of top-1.
+
+    python bench/compare.py --out bench/results/compare            # the full study (~1 h on 2 cores)
+    python bench/compare.py --quick --out /tmp/compare             # plumbing check (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REAL_TRAIN, REAL_TEST = "builtin:digits:train", "builtin:digits:test"
+REAL_SIZE = 1347
+
+
+@dataclass
+class Arm:
+    name: str
+    group: str
+    pack: str = "rep"  # "rep" | "class" | None for real-only arms
+    scale: float = 10.0  # synthetic images = scale x real size
+    gen: dict = field(default_factory=dict)  # extra GenerateConfig fields
+    real: bool = False  # include the real train split
+    aug: str = "none"
+    synthetic: bool = True
+
+
+def arms(quick: bool) -> list[Arm]:
+    s = 0.2 if quick else 1.0
+    base = [
+        Arm("real", "baseline", synthetic=False, real=True),
+        Arm("real + classical aug", "baseline", synthetic=False, real=True, aug="standard"),
+        Arm("class-cond 10x", "conditioning", pack="class", scale=10 * s),
+        Arm("rep reuse 10x", "conditioning", scale=10 * s),
+        Arm("rep perturb 10x", "conditioning", scale=10 * s, gen={"mode": "perturb", "lam": 0.3}),
+        Arm("rep interpolate 10x", "conditioning", scale=10 * s, gen={"mode": "interpolate"}),
+        Arm("rep reuse 10x, min-score 0.5", "filtering", scale=10 * s, gen={"min_score": 0.5}),
+        Arm("rep reuse 10x, min-score 0.7", "filtering", scale=10 * s, gen={"min_score": 0.7}),
+        Arm("rep reuse 10x, keep-top 0.5", "filtering", scale=10 * s, gen={"keep_top": 0.5}),
+        Arm("rep reuse 1x", "size", scale=1 * s),
+        Arm("rep reuse 5x", "size", scale=5 * s),
+        Arm("real + rep reuse 10x", "real+synthetic", scale=10 * s, real=True),
+        Arm("ddpm 100 steps 1x", "sampler", scale=1 * s, gen={"sampler": "ddpm", "steps": 100}),
+        Arm("dpmpp_2m 4 steps 1x", "sampler", scale=1 * s, gen={"sampler": "dpmpp_2m", "steps": 4}),
+        Arm("dpmpp_2m 8 steps 1x", "sampler", scale=1 * s, gen={"sampler": "dpmpp_2m", "steps": 8}),
+        Arm("dpmpp_2m 16 steps 1x", "sampler", scale=1 * s, gen={"sampler": "dpmpp_2m", "steps": 16}),
+    ]
+    if quick:  # one arm of each kind that needs its own machinery
+        keep = {"real", "class-cond 10x", "rep reuse 10x", "rep reuse 10x, keep-top 0.5", "real + rep reuse 10x"}
+        base = [a for a in base if a.name in keep]
+    return base
+
+
+GEN_DEFAULTS = dict(sampler="dpmpp_2m", steps=16, cfg=1.5, shard_size=1000, batch=256, progress=False)
+
+
+def generate_arm(arm: Arm, packs: dict[str, Path], work: Path) -> tuple[Path, dict]:
+    from synthgen.config import GenerateConfig
+    from synthgen.pipeline import run_generate
+
+    n = max(10, round(arm.scale * REAL_SIZE))
+    options = {**GEN_DEFAULTS, **arm.gen}
+    out = work / "runs" / arm.name.replace(" ", "_").replace(",", "").replace("+", "p")
+    summary = run_generate(GenerateConfig(n=n, out=out, pack=packs[arm.pack], seed=1, **options))
+    return out, {"images": summary.images, "candidates": summary.candidates, "seconds": summary.seconds,
+                 "images_per_second": summary.images_per_second, "options": options}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one seed, few arms (CI)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=500, help="classifier optimisation steps per arm")
+    parser.add_argument("--rep-pack", type=Path, default=None, help="default: the shipped default pack")
+    parser.add_argument("--class-pack", type=Path, default=None, help="default: trained here (same budget)")
+    args = parser.parse_args()
+    run(args.out, args.quick, 1 if args.quick else args.seeds, 60 if args.quick else args.steps,
+        args.rep_pack, args.class_pack)
+
+
+def run(out: Path, quick: bool, seeds: int, steps: int, rep_pack: Path | None, class_pack: Path | None) -> dict:
+    from synthgen.cli import load_training_sets
+    from synthgen.pack import DEFAULT_PACK
+    from synthgen.train.classifier import ClassifierConfig, evaluate, train_classifier
+    from synthgen.train.data import load_images
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    rep_pack = rep_pack or DEFAULT_PACK
+    class_pack = class_pack or train_class_pack(rep_pack, work / "class-pack", quick)
+    packs = {"rep": rep_pack, "class": class_pack}
+    test = load_images(REAL_TEST, 16)
+    results, t0 = [], time.perf_counter()
+    for arm in arms(quick):
+        specs, gen_info = [], None
+        if arm.synthetic:
+            run_dir, gen_info = generate_arm(arm, packs, work)
+            specs.append(str(run_dir))
+        if arm.real:
+            specs.append(REAL_TRAIN)
+        data = load_training_sets(specs, 16)
+        top1 = []
+        for seed in range(seeds):
+            config = ClassifierConfig(steps=steps, aug=arm.aug, seed=seed, input_size=16)
+            model, _ = train_classifier(data, config, progress=False)
+            top1.append(evaluate(model, test, 16)["top1"])
+        row = {**asdict(arm), "train_images": len(data), "top1": top1, "mean": statistics.mean(top1),
+               "std": statistics.stdev(top1) if len(top1) > 1 else 0.0, "generation": gen_info}
+        results.append(row)
+        print(f"{arm.name:<32} n={len(data):>6}  top-1 {row['mean']:.4f} ± {row['std']:.4f}", flush=True)
+    doc = {"quick": quick, "seeds": seeds, "classifier_steps": steps, "rep_pack": str(rep_pack),
+           "class_pack": str(class_pack), "seconds": time.perf_counter() - t0, "results": results}
+    (out / "compare.json").write_text(json.dumps(doc, indent=1))
+    (out / "compare.md").write_text(markdown_table(doc))
+    plot(doc, out / "compare.png")
+    return doc
+
+
+def train_class_pack(rep_pack: Path, out: Path, quick: bool) -> Path:
+    """The class-conditioned baseline: the same DiT and training budget as the rep pack's denoiser."""
+    from dataclasses import replace
+
+    from synthgen.train.denoiser import DenoiserTrainConfig
+    from synthgen.train.packs import train_denoiser_into_pack
+
+    if (out / "pack.json").is_file() and (out / "denoiser.safetensors").is_file():
+        return out
+    log = json.loads((rep_pack / "training.json").read_text()) if (rep_pack / "training.json").is_file() else {}
+    den = DenoiserTrainConfig(**log["denoiser"]["config"]) if "denoiser" in log else DenoiserTrainConfig()
+    if quick:
+        den = replace(den, steps=30, checkpoint_every=30)
+    return train_denoiser_into_pack(rep_pack, REAL_TRAIN, None, replace(den, cond="class"), out=out, progress=False)
+
+
+def markdown_table(doc: dict) -> str:
+    lines = [
+        f"Classifier: resnet18 (width 16) at 16 px, {doc['classifier_steps']} steps, {doc['seeds']} seed(s); "
+        "top-1 on the real digits test split (450 images).", "",
+        "| arm | group | train images | top-1 mean | std | gen img/s |", "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in doc["results"]:
+        rate = f"{r['generation']['images_per_second']:.0f}" if r["generation"] else "-"
+        lines.append(f"| {r['name']} | {r['group']} | {r['train_images']} | {r['mean']:.4f} | {r['std']:.4f} | {rate} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = doc["results"]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1))
+    ax.barh([r["name"] for r in rows], [r["mean"] for r in rows], xerr=[r["std"] for r in rows], color="#4c72b0")
+    ax.invert_yaxis()
+    ax.set_xlim(min(r["mean"] for r in rows) - 0.05, 1.0)
+    ax.set_xlabel("top-1 on real digits test split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
