@@ -45,7 +45,7 @@ class Arm:
 
 
 def arms(quick: bool) -> list[Arm]:
-    s = 0.2 if quick else 1.0
+    s = 0.05 if quick else 1.0
     base = [
         Arm("real", "baseline", synthetic=False, real=True),
         Arm("real + classical aug", "baseline", synthetic=False, real=True, aug="standard"),

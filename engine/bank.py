@@ -94,7 +94,7 @@ def check_bank_fits_pack(bank: Bank, config: PackConfig, pack_root: Path) -> Non
 
 def to_float_chw(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
+    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float().div_(255.0)
 
 
 def write_bank(

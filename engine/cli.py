@@ -274,7 +274,7 @@ app.add_typer(train_app, name="train")
 def train_encoder_cmd(
     images: str = typer.Option(..., help="Training images (same forms as 'embed --images')."),
     out: Path = typer.Option(..., help="Pack folder to create; it holds the encoder until 'train denoiser'."),
-    steps: int = typer.Option(1200, min=1, help="Optimisation steps."),
+    steps: int = typer.Option(1500, min=1, help="Optimisation steps."),
     image_size: int = typer.Option(16, min=8, help="Image side in pixels (the pack's image size)."),
     dim: int = typer.Option(64, min=8, help="Embedding width."),
     depth: int = typer.Option(3, min=1, help="Transformer blocks."),
@@ -301,10 +301,10 @@ def train_denoiser_cmd(
     bank: Optional[Path] = typer.Option(None, help="Bank of those images (default PACK/bank); unused with --cond class."),
     cond: str = typer.Option("rep", help="rep: condition on the bank's embeddings | class: learned class embeddings."),
     out: Optional[Path] = typer.Option(None, help="Write a new pack here (default: train into --pack)."),
-    steps: int = typer.Option(6000, min=1, help="Optimisation steps (resumes from OUT/.checkpoint)."),
-    batch: int = typer.Option(128, min=1),
+    steps: int = typer.Option(3000, min=1, help="Optimisation steps (resumes from OUT/.checkpoint)."),
+    batch: int = typer.Option(96, min=1),
     hidden: int = typer.Option(128, min=16, help="DiT width."),
-    depth: int = typer.Option(4, min=1, help="DiT blocks."),
+    depth: int = typer.Option(3, min=1, help="DiT blocks."),
     cond_dropout: float = typer.Option(0.1, min=0.0, max=0.99, help="Condition dropout (learns the null for CFG)."),
     seed: int = typer.Option(0, min=0),
 ):

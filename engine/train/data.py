@@ -29,7 +29,7 @@ class ImageSet:
 
 def resize_uint8(image: np.ndarray, size: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, size, size) uint8, antialiased bilinear (square, no crop)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float()
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x[0].round().clamp(0, 255).to(torch.uint8)

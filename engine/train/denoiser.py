@@ -31,11 +31,11 @@ CONDS = ("rep", "class")
 class DenoiserTrainConfig:
     cond: str = "rep"
     hidden: int = 128
-    depth: int = 4
+    depth: int = 3
     heads: int = 4
     patch: int = 2
-    steps: int = 6000
-    batch: int = 128
+    steps: int = 3000
+    batch: int = 96
     lr: float = 1e-3
     weight_decay: float = 0.0
     cond_dropout: float = 0.1

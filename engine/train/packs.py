@@ -111,5 +111,5 @@ def default_configs(quick: bool = False) -> tuple[EncoderTrainConfig, DenoiserTr
     if quick:
         return (EncoderTrainConfig(steps=20, dim=32, depth=1, heads=2, batch=64),
                 DenoiserTrainConfig(steps=30, hidden=32, depth=1, heads=2, batch=32, checkpoint_every=20))
-    return (EncoderTrainConfig(steps=1200, dim=64, depth=3, heads=2, lr=2e-3),
-            DenoiserTrainConfig(steps=6000, hidden=128, depth=4, heads=4, batch=128))
+    return (EncoderTrainConfig(steps=1500, dim=64, depth=3, heads=2),
+            DenoiserTrainConfig(steps=3000, hidden=128, depth=3, heads=4, batch=96))
