@@ -7,7 +7,7 @@ on the real digits test split, which no model, bank or filter has seen. Arms:
   real+aug                  the same with classical augmentation
   class-cond 10x            class-conditioned baseline pack (same DiT, same budget), 10x real size
   rep reuse / perturb / interpolate 10x
-  rep reuse + min-score / keep-top 10x   conditioning-space filtering
+  rep reuse 5x + min-score (p25, p50 of a pilot's scores) / keep-top 0.5   conditioning-space filtering
   rep reuse 1x / 5x         data set size
   real + rep reuse 10x      real plus synthetic, vs real + classical augmentation
   sampler: ddpm 100 vs dpmpp_2m 4 / 8 / 16 (1x)
@@ -44,7 +44,7 @@ class Arm:
     synthetic: bool = True
 
 
-def arms(quick: bool) -> list[Arm]:
+def arms(quick: bool, taus: tuple[float, float]) -> list[Arm]:
     s = 0.05 if quick else 1.0
     base = [
         Arm("real", "baseline", synthetic=False, real=True),
@@ -53,11 +53,11 @@ def arms(quick: bool) -> list[Arm]:
         Arm("rep reuse 10x", "conditioning", scale=10 * s),
         Arm("rep perturb 10x", "conditioning", scale=10 * s, gen={"mode": "perturb", "lam": 0.3}),
         Arm("rep interpolate 10x", "conditioning", scale=10 * s, gen={"mode": "interpolate"}),
-        Arm("rep reuse 10x, min-score 0.5", "filtering", scale=10 * s, gen={"min_score": 0.5}),
-        Arm("rep reuse 10x, min-score 0.7", "filtering", scale=10 * s, gen={"min_score": 0.7}),
-        Arm("rep reuse 10x, keep-top 0.5", "filtering", scale=10 * s, gen={"keep_top": 0.5}),
         Arm("rep reuse 1x", "size", scale=1 * s),
         Arm("rep reuse 5x", "size", scale=5 * s),
+        Arm(f"rep reuse 5x, min-score {taus[0]:.3f} (p25)", "filtering", scale=5 * s, gen={"min_score": taus[0]}),
+        Arm(f"rep reuse 5x, min-score {taus[1]:.3f} (p50)", "filtering", scale=5 * s, gen={"min_score": taus[1]}),
+        Arm("rep reuse 5x, keep-top 0.5", "filtering", scale=5 * s, gen={"keep_top": 0.5}),
         Arm("real + rep reuse 10x", "real+synthetic", scale=10 * s, real=True),
         Arm("ddpm 100 steps 1x", "sampler", scale=1 * s, gen={"sampler": "ddpm", "steps": 100}),
         Arm("dpmpp_2m 4 steps 1x", "sampler", scale=1 * s, gen={"sampler": "dpmpp_2m", "steps": 4}),
@@ -65,24 +65,48 @@ def arms(quick: bool) -> list[Arm]:
         Arm("dpmpp_2m 16 steps 1x", "sampler", scale=1 * s, gen={"sampler": "dpmpp_2m", "steps": 16}),
     ]
     if quick:  # one arm of each kind that needs its own machinery
-        keep = {"real", "class-cond 10x", "rep reuse 10x", "rep reuse 10x, keep-top 0.5", "real + rep reuse 10x"}
+        keep = {"real", "class-cond 10x", "rep reuse 10x", "rep reuse 5x, keep-top 0.5", "real + rep reuse 10x"}
         base = [a for a in base if a.name in keep]
     return base
 
 
-GEN_DEFAULTS = dict(sampler="dpmpp_2m", steps=16, cfg=1.5, shard_size=1000, batch=256, progress=False)
+# 8 DPM-Solver++ steps without guidance: the study's budget on 2 cores (the sampler arms vary this).
+GEN_DEFAULTS = dict(sampler="dpmpp_2m", steps=8, cfg=1.0, shard_size=1000, batch=256, progress=False)
 
 
-def generate_arm(arm: Arm, packs: dict[str, Path], work: Path) -> tuple[Path, dict]:
+def pilot_taus(pack: Path, work: Path) -> tuple[float, float]:
+    """min-score thresholds at the 25th and 50th percentile of 512 unfiltered candidates' scores."""
+    import numpy as np
+
+    from synthgen.config import GenerateConfig
+    from synthgen.pipeline import generate_batch, load_engine
+
+    engine = load_engine(GenerateConfig(n=512, out=work / "pilot", pack=pack, seed=99, **GEN_DEFAULTS))
+    scores = np.concatenate([generate_batch(engine, np.arange(i, i + 256)).scores for i in (0, 256)])
+    return float(np.nanpercentile(scores, 25)), float(np.nanpercentile(scores, 50))
+
+
+def arm_size(arm: Arm) -> int:
+    return max(10, round(arm.scale * REAL_SIZE))
+
+
+def arm_key(arm: Arm) -> str:
+    return json.dumps([arm.pack, {**GEN_DEFAULTS, **arm.gen}], sort_keys=True)
+
+
+def generate_arm(arm: Arm, n: int, packs: dict[str, Path], work: Path) -> tuple[Path, dict]:
+    """Generate `n` images for the arm's (pack, options). Sample ids do not depend on --n, so arms that
+    differ only in size share one run and read a prefix of it."""
+    import hashlib
+
     from synthgen.config import GenerateConfig
     from synthgen.pipeline import run_generate
 
-    n = max(10, round(arm.scale * REAL_SIZE))
     options = {**GEN_DEFAULTS, **arm.gen}
-    out = work / "runs" / arm.name.replace(" ", "_").replace(",", "").replace("+", "p")
+    out = work / "runs" / hashlib.sha256(arm_key(arm).encode()).hexdigest()[:12]
     summary = run_generate(GenerateConfig(n=n, out=out, pack=packs[arm.pack], seed=1, **options))
     return out, {"images": summary.images, "candidates": summary.candidates, "seconds": summary.seconds,
-                 "images_per_second": summary.images_per_second, "options": options}
+                 "images_per_second": summary.images_per_second, "options": options, "run": out.name}
 
 
 def main() -> None:
@@ -90,7 +114,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="small sizes, one seed, few arms (CI)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=500, help="classifier optimisation steps per arm")
+    parser.add_argument("--steps", type=int, default=300, help="classifier optimisation steps per arm")
     parser.add_argument("--rep-pack", type=Path, default=None, help="default: the shipped default pack")
     parser.add_argument("--class-pack", type=Path, default=None, help="default: trained here (same budget)")
     args = parser.parse_args()
@@ -99,10 +123,10 @@ def main() -> None:
 
 
 def run(out: Path, quick: bool, seeds: int, steps: int, rep_pack: Path | None, class_pack: Path | None) -> dict:
-    from synthgen.cli import load_training_sets
+    from synthgen.cli import concat_sets
     from synthgen.pack import DEFAULT_PACK
     from synthgen.train.classifier import ClassifierConfig, evaluate, train_classifier
-    from synthgen.train.data import load_images
+    from synthgen.train.data import load_images, load_shards
 
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -110,15 +134,24 @@ def run(out: Path, quick: bool, seeds: int, steps: int, rep_pack: Path | None, c
     class_pack = class_pack or train_class_pack(rep_pack, work / "class-pack", quick)
     packs = {"rep": rep_pack, "class": class_pack}
     test = load_images(REAL_TEST, 16)
-    results, t0 = [], time.perf_counter()
-    for arm in arms(quick):
-        specs, gen_info = [], None
+    taus = pilot_taus(rep_pack, work)
+    results, t0, runs = [], time.perf_counter(), {}
+    plan = arms(quick, taus)
+    largest = {}
+    for arm in plan:
         if arm.synthetic:
-            run_dir, gen_info = generate_arm(arm, packs, work)
-            specs.append(str(run_dir))
+            largest[arm_key(arm)] = max(largest.get(arm_key(arm), 0), arm_size(arm))
+    for arm in plan:
+        parts, gen_info = [], None
+        if arm.synthetic:
+            key = arm_key(arm)
+            if key not in runs:
+                runs[key] = generate_arm(arm, largest[key], packs, work)
+            run_dir, gen_info = runs[key]
+            parts.append(load_shards(str(run_dir), 16, limit=arm_size(arm)))
         if arm.real:
-            specs.append(REAL_TRAIN)
-        data = load_training_sets(specs, 16)
+            parts.append(load_images(REAL_TRAIN, 16))
+        data = concat_sets(parts)
         top1 = []
         for seed in range(seeds):
             config = ClassifierConfig(steps=steps, aug=arm.aug, seed=seed, input_size=16)
@@ -128,7 +161,7 @@ def run(out: Path, quick: bool, seeds: int, steps: int, rep_pack: Path | None, c
                "std": statistics.stdev(top1) if len(top1) > 1 else 0.0, "generation": gen_info}
         results.append(row)
         print(f"{arm.name:<32} n={len(data):>6}  top-1 {row['mean']:.4f} ± {row['std']:.4f}", flush=True)
-    doc = {"quick": quick, "seeds": seeds, "classifier_steps": steps, "rep_pack": str(rep_pack),
+    doc = {"quick": quick, "seeds": seeds, "min_score_taus": taus, "generation_defaults": GEN_DEFAULTS, "classifier_steps": steps, "rep_pack": str(rep_pack),
            "class_pack": str(class_pack), "seconds": time.perf_counter() - t0, "results": results}
     (out / "compare.json").write_text(json.dumps(doc, indent=1))
     (out / "compare.md").write_text(markdown_table(doc))

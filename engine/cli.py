@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from synthgen.config import DEVICES, DTYPES, FORMATS, GenerateConfig
+from synthgen.config import DEVICES, DTYPES, EXECUTORS, FORMATS, GenerateConfig
 from synthgen.errors import UsageError
 from synthgen.plan import BALANCES, MODES
 from synthgen.samplers import SAMPLERS
@@ -160,30 +160,58 @@ def generate(
     engine: Optional[Path] = typer.Option(None, help="Engine folder from 'synthgen build-engine' (refused when stale)."),
     backend: str = typer.Option(_default("backend"), help="eager | compile | ort | trt | auto: without --engine, "
                                 "build engines into PACK/.engines on first use."),
+    executor: str = typer.Option(_default("executor"), help=" | ".join(EXECUTORS) + ": run shards in this process, "
+                                 "or as Ray actors (pip install 'synthgen[ray]')."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Ray actors (default: one per GPU, or per CPU core)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. auto (default: start a local Ray)."),
+    gpus_per_worker: Optional[float] = typer.Option(None, min=0.0, help="GPUs per Ray actor (default: 1 when the "
+                                                    "cluster has GPUs, else 0)."),
 ):
     """Generate --n labelled synthetic images into WebDataset shards; resumes by default.
 
     Each shard is NNNNNN.tar (written as a temporary file, fsynced, renamed) plus NNNNNN.stats.json,
-    written last as its done marker. Rerunning the same command skips finished shards; --shards A:B
-    restricts the run to a range, so several machines can share one folder.
+    written last as its done marker. Rerunning the same command skips finished shards. A shard is
+    claimed (NNNNNN.lock) before it is written, so several processes on one folder split the work:
+    --executor ray runs the shards on Ray actors; --shards A:B restricts a job to a range (SLURM arrays).
+    Ctrl-C / SIGTERM abandons the open shard and exits 130 / 143; the same command resumes.
 
     Examples:
 
       synthgen generate --n 10k --pack packs/tiny --bank banks/digits --out runs/demo
 
       synthgen generate --n 1M --pack P --bank B --out runs/big --mode perturb --lam 0.1 --min-score 0.3
+
+      synthgen generate --n 1M --pack P --bank B --out /shared/big --executor ray --address auto --gpus-per-worker 1
+
+      synthgen generate --n 1M ... --out /shared/big --shard-size 1000 --shards $((ID*100)):$((ID*100+100))
     """
-    from synthgen.pipeline import run_generate
+    from synthgen.pipeline import Interrupted, run_generate
 
     config = GenerateConfig(
         n=n, out=out, pack=pack, bank=bank, sampler=sampler, steps=steps, cfg=cfg, mode=mode, lam=lam,
         balance=balance, min_score=min_score, keep_top=keep_top, keep_top_group=keep_top_group,
         max_oversample=max_oversample, seed=seed, shard_size=shard_size, format=format, quality=quality,
         save_cond=save_cond, dtype=dtype, batch=batch, device=device, shards=shards, overwrite=overwrite,
-        progress=progress, engine=engine, backend=backend,
+        progress=progress, engine=engine, backend=backend, executor=executor, workers=workers, address=address,
+        gpus_per_worker=gpus_per_worker,
     )
-    summary = run_generate(config)
+    try:
+        summary = run_generate(config)
+    except Interrupted as exc:
+        _say_interrupted(exc, out)
+        raise typer.Exit(exc.exit_code)
     _say(summary.lines())
+
+
+def _say_interrupted(exc, out: Path) -> None:
+    import shlex
+
+    command = " ".join(["synthgen", *map(shlex.quote, sys.argv[1:])])
+    typer.echo(
+        f"interrupted by {exc}: the open shard was abandoned (its temporary file removed); {exc.committed} "
+        f"shard(s) committed in this run are kept in {out}.\nResume with the same command:\n  {command}",
+        err=True,
+    )
 
 
 # ---- verify / preview --------------------------------------------------------------------------------
@@ -301,7 +329,7 @@ def train_denoiser_cmd(
     bank: Optional[Path] = typer.Option(None, help="Bank of those images (default PACK/bank); unused with --cond class."),
     cond: str = typer.Option("rep", help="rep: condition on the bank's embeddings | class: learned class embeddings."),
     out: Optional[Path] = typer.Option(None, help="Write a new pack here (default: train into --pack)."),
-    steps: int = typer.Option(3000, min=1, help="Optimisation steps (resumes from OUT/.checkpoint)."),
+    steps: int = typer.Option(2000, min=1, help="Optimisation steps (resumes from OUT/.checkpoint)."),
     batch: int = typer.Option(96, min=1),
     hidden: int = typer.Option(128, min=16, help="DiT width."),
     depth: int = typer.Option(3, min=1, help="DiT blocks."),
@@ -377,12 +405,17 @@ def eval_cmd(
 
 
 def load_training_sets(specs: list[str], size: int):
-    """Concatenate shard sets and real sources (builtin:..., class folders) into one ImageSet."""
+    """Real sources (builtin:..., class folders) and shard sets, concatenated into one ImageSet."""
+    from synthgen.train.data import load_shards
+
+    return concat_sets([_load_real(s, size) if s.startswith("builtin:") else load_shards(s, size) for s in specs])
+
+
+def concat_sets(sets: list):
     import torch
 
-    from synthgen.train.data import ImageSet, load_shards
+    from synthgen.train.data import ImageSet
 
-    sets = [_load_real(s, size) if s.startswith("builtin:") else load_shards(s, size) for s in specs]
     names = max((s.class_names for s in sets), key=len)
     return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), names,
                     [k for s in sets for k in s.keys])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def test_comparison_bench_plumbing(quick_pack, tmp_path):
     path = Path(__file__).resolve().parents[1] / "bench" / "compare.py"
     spec = importlib.util.spec_from_file_location("compare", path)
     compare = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = compare  # dataclasses look their module up there
     spec.loader.exec_module(compare)
     rep = DEFAULT_PACK if (DEFAULT_PACK / "denoiser.safetensors").is_file() else quick_pack
     # The class-conditioned baseline is trained here with the quick (30-step) budget: plumbing only.

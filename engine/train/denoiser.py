@@ -11,7 +11,6 @@ never unpickles anything.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from synthgen.errors import UsageError
 from synthgen.models.dit import DiT, DiTConfig
 from synthgen.samplers import NoiseSchedule
 from synthgen.train.data import ImageSet, to_unit
+from synthgen.train.optim import warmup_cosine
 
 CONDS = ("rep", "class")
 
@@ -34,7 +34,7 @@ class DenoiserTrainConfig:
     depth: int = 3
     heads: int = 4
     patch: int = 2
-    steps: int = 3000
+    steps: int = 2000
     batch: int = 96
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -135,18 +135,7 @@ def train_denoiser(
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = load_checkpoint(checkpoint_dir, model, ema, opt, config) if checkpoint_dir else 0
-    warmup = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps))),
-        last_epoch=start - 1 if start else -1,
-    ) if not start else None
-    if sched is None:  # resuming: rebuild the schedule at the saved step
-        for group in opt.param_groups:
-            group.setdefault("initial_lr", config.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps))),
-            last_epoch=start - 1,
-        )
+    sched = warmup_cosine(opt, warmup=200, total=config.steps, start=start)
     alphas = schedule.alphas_cumprod().float()
     x_all = to_unit(data.images) * 2 - 1  # (N, 3, S, S) in [-1, 1]
     history, model_params = [], list(model.parameters())

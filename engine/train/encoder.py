@@ -8,7 +8,6 @@ of the normed patch tokens by default) is the representation, "before projection
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 from synthgen.models.encoder import EncoderSpec, ImageEncoder, build_encoder_module
 from synthgen.train.augment import ssl_view
 from synthgen.train.data import ImageSet, to_unit
+from synthgen.train.optim import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,7 @@ def train_encoder(data: ImageSet, config: EncoderTrainConfig, progress: bool = T
     head = nn.Sequential(nn.Linear(spec.dim, 256), nn.GELU(), nn.Linear(256, config.proj_dim))
     params = list(encoder.net.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = max(1, config.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps)))
-    )
+    sched = warmup_cosine(opt, warmup=max(1, config.steps // 20), total=config.steps)
     x_all = to_unit(data.images)
     history = []
     encoder.train()

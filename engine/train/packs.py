@@ -112,4 +112,4 @@ def default_configs(quick: bool = False) -> tuple[EncoderTrainConfig, DenoiserTr
         return (EncoderTrainConfig(steps=20, dim=32, depth=1, heads=2, batch=64),
                 DenoiserTrainConfig(steps=30, hidden=32, depth=1, heads=2, batch=32, checkpoint_every=20))
     return (EncoderTrainConfig(steps=1500, dim=64, depth=3, heads=2),
-            DenoiserTrainConfig(steps=3000, hidden=128, depth=3, heads=4, batch=96))
+            DenoiserTrainConfig(steps=2000, hidden=128, depth=3, heads=4, batch=96))
