@@ -24,7 +24,11 @@ BACKENDS = ("eager", "compile", "ort", "trt", "auto")
 # Execution settings: changing them never changes which image a sample id gets. `engine` / `backend`
 # run the same networks through another runtime: images match the eager run within the error the engine
 # recorded against eager when it was built (manifest.json), not bitwise.
-EXECUTION_FIELDS = ("out", "pack", "bank", "batch", "device", "shards", "overwrite", "progress", "engine", "backend")
+EXECUTION_FIELDS = (
+    "out", "pack", "bank", "batch", "device", "shards", "overwrite", "progress", "engine", "backend",
+    "executor", "workers", "address", "gpus_per_worker",
+)
+EXECUTORS = ("local", "ray")
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
@@ -90,6 +94,10 @@ class GenerateConfig:
     progress: bool = True
     engine: Path | None = None  # an engine folder from 'synthgen build-engine' (refused when stale)
     backend: str = "eager"  # without --engine: build engines for this backend into a cache on first use
+    executor: str = "local"  # local: this machine | ray: Ray actors, one engine load each
+    workers: int | None = None  # processes (local) or actors (ray); None: 1 local, one per GPU/CPU on Ray
+    address: str | None = None  # Ray cluster address ("auto": the running one); None starts a local Ray
+    gpus_per_worker: float | None = None  # Ray: GPUs per actor; None: 1 when the cluster has GPUs, else 0
 
     def __post_init__(self):
         object.__setattr__(self, "n", parse_count(self.n))
@@ -104,6 +112,13 @@ class GenerateConfig:
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--device", self.device, DEVICES)
         _choice("--backend", self.backend, BACKENDS)
+        _choice("--executor", self.executor, EXECUTORS)
+        if self.workers is not None:
+            _at_least("--workers", self.workers, 1)
+        if self.gpus_per_worker is not None and not (math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):
+            raise UsageError(f"--gpus-per-worker must be a number >= 0, got {self.gpus_per_worker}")
+        if self.executor == "local" and (self.address is not None or self.gpus_per_worker is not None):
+            raise UsageError("--address and --gpus-per-worker are Ray options: add --executor ray")
         if self.engine is not None:
             object.__setattr__(self, "engine", Path(self.engine))
             if self.backend != "eager":

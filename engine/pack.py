@@ -118,7 +118,9 @@ class PackConfig:
                 random_weights=bool(d.get("random_weights", False)),
                 weights=d.get("weights", {}),
             )
-        except (KeyError, TypeError) as e:
+        except UsageError:
+            raise  # already says what is wrong
+        except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"pack.json is malformed ({type(e).__name__}: {e}); see README 'Model packs'") from e
 
 

@@ -9,9 +9,12 @@ A shard is the unit of work: `generate_shard` needs only the engine, the config 
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from synthgen.noise import STREAM_INIT, STREAM_STEP0, gaussian
 from synthgen.pack import Pack, load_pack
 from synthgen.plan import Planner, SamplePlan, conditions
 from synthgen.samplers import SamplerPlan, make_plan, sample
-from synthgen.shards import SampleRecord, ShardWriter, encode_image, sample_key, stats_path, write_stats
+from synthgen.shards import SampleRecord, ShardWriter, encode_image, sample_key, shard_path, stats_path, write_stats
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -292,42 +295,155 @@ class RunSummary:
         return out
 
 
-def run_generate(cfg: GenerateConfig) -> RunSummary:
-    """Resume or start the run described by `cfg`: generate every pending shard in range, then aggregate."""
-    from tqdm import tqdm
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the open shard was abandoned (tmp file removed, claim released)."""
 
-    from synthgen.runfolder import finalize_run, pending_shards, prepare_run_dir, versions
+    def __init__(self, signum: int, committed: int = 0) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.committed = signum, committed
 
-    engine = load_engine(cfg)
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+@contextmanager
+def stop_on_signals():
+    """Turn the first SIGINT/SIGTERM into `Interrupted` in the main thread; later ones are ignored so the
+    cleanup (abandon the open shard, aggregate dataset.json) runs to its end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def describe_run(cfg: GenerateConfig) -> tuple[dict, dict, list[str]]:
+    """(identity, dataset.json header, class names), checked without loading any weights.
+
+    Validates what `load_engine` would (pack config, bank, bank fits pack, plan), so a Ray driver
+    refuses a bad run before it starts actors.
+    """
+    from synthgen.pack import pack_hash, read_pack_config
+    from synthgen.runfolder import versions
+
+    config = read_pack_config(cfg.pack)
+    bank = load_bank(resolve_bank_path(cfg))
+    check_bank_fits_pack(bank, config, cfg.pack)
+    Planner(bank.labels, bank.class_names, cfg.plan_config)
+    identity = {**cfg.identity(), "pack_hash": pack_hash(config), "bank_hash": bank.hash}
     header = {
-        "config": cfg.to_dict(), "versions": versions(), "pack_hash": engine.pack.hash,
-        "bank_hash": engine.bank.hash, "class_names": engine.bank.class_names,
-        "random_weights": engine.pack.config.random_weights, "image_size": engine.pack.config.image_size,
+        "config": cfg.to_dict(), "versions": versions(), "pack_hash": identity["pack_hash"],
+        "bank_hash": bank.hash, "class_names": bank.class_names, "random_weights": config.random_weights,
+        "image_size": config.image_size,
     }
-    removed = prepare_run_dir(cfg, run_identity(engine), header)
-    todo = pending_shards(cfg)
-    start, stop = cfg.shards or (0, cfg.num_shards)
-    skipped = len(range(start, min(stop, cfg.num_shards))) - len(todo)
-    total = sum(cfg.shard_target(k) for k in todo)
-    seen = Counter()
-    bar = tqdm(total=total, desc="generate", unit="img", disable=not cfg.progress, dynamic_ncols=True)
+    return identity, header, bank.class_names
 
-    def on_images(accepted: int, decided: int) -> None:
-        seen["accepted"] += accepted
-        seen["decided"] += decided
-        bar.update(accepted)
-        bar.set_postfix(accept=f"{seen['accepted'] / max(seen['decided'], 1):.0%}", refresh=False)
 
-    results, t0 = [], time.perf_counter()
+# ---- Executors: who runs the pending shards ----------------------------------------------------------
+
+
+def run_claimed_shard(engine: Engine, shard: int, encoders=None, on_images=None, block: bool = False) -> dict | None:
+    """Claim `shard`, then generate it unless it is committed by now; None when it is not ours to write.
+
+    The claim (runfolder.claim_shard) keeps two processes off one shard; checking for the stats file
+    after claiming keeps a shard another process just committed from being rewritten.
+    """
+    from synthgen.runfolder import claim_shard
+
+    claim = claim_shard(engine.cfg.out, shard, block=block)
+    if claim is None:
+        return None
+    with claim:
+        if is_committed(engine.cfg.out, shard):
+            return None
+        return generate_shard(engine, shard, encoders, on_images)
+
+
+def is_committed(run_dir: Path, shard: int) -> bool:
+    return stats_path(run_dir, shard).is_file() and shard_path(run_dir, shard).is_file()
+
+
+def run_shards(engine: Engine, shards: list[int], on_images=None):
+    """Generate every shard of `shards` this process can claim; yields each one's stats.
+
+    Shards another live process holds are waited for at the end (and redone if it died meanwhile), so
+    when this returns every shard of the list is committed, by this process or another.
+    """
+    held = []
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode") as encoders:
-        for shard in todo:
-            results.append(generate_shard(engine, shard, encoders, on_images))
-    bar.close()
-    doc = finalize_run(cfg, engine.bank.class_names)
+        for shard in shards:
+            stats = run_claimed_shard(engine, shard, encoders, on_images)
+            if stats is not None:
+                yield stats
+            elif not is_committed(engine.cfg.out, shard):
+                held.append(shard)
+        for shard in held:
+            stats = run_claimed_shard(engine, shard, encoders, on_images, block=True)
+            if stats is not None:
+                yield stats
+
+
+class LocalExecutor:
+    """Runs shards in this process with one engine (loaded once, here)."""
+
+    def __init__(self, cfg: GenerateConfig) -> None:
+        if (cfg.workers or 1) > 1:
+            raise UsageError(
+                f"--workers {cfg.workers} needs --executor ray (pip install 'synthgen[ray]'); without Ray, start "
+                "one 'synthgen generate' per worker on the same --out: shard claims split the work"
+            )
+        self.engine = load_engine(cfg)
+
+    def run(self, shards: list[int], on_images):
+        yield from run_shards(self.engine, shards, on_images)
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(cfg: GenerateConfig):
+    """The executor for `cfg.executor`; both share `run(shards, on_images) -> iterator of stats` and `close()`."""
+    if cfg.executor == "ray":
+        from synthgen.distributed import RayExecutor
+
+        return RayExecutor(cfg)
+    return LocalExecutor(cfg)
+
+
+def run_generate(cfg: GenerateConfig) -> RunSummary:
+    """Resume or start the run described by `cfg`: generate every pending shard in range, then aggregate.
+
+    SIGINT/SIGTERM raise `Interrupted` once the open shard is abandoned and dataset.json is updated.
+    """
+    from synthgen.runfolder import finalize_run, pending_shards, prepare_run_dir
+
+    with stop_on_signals():
+        identity, header, class_names = describe_run(cfg)
+        executor = make_executor(cfg)
+        try:
+            removed = prepare_run_dir(cfg, identity, header)
+            todo = pending_shards(cfg)
+            results, t0 = _execute(cfg, executor, todo, class_names)
+        finally:
+            executor.close()
+        doc = finalize_run(cfg, class_names)
+    start, stop = cfg.shards or (0, cfg.num_shards)
     return RunSummary(
         run_dir=cfg.out,
         shards_written=[r["shard"] for r in results],
-        shards_skipped=skipped,
+        shards_skipped=len(range(start, min(stop, cfg.num_shards))) - len(results),
         images=sum(r["count"] for r in results),
         candidates=sum(r["candidates"] for r in results),
         rejected=sum(r["rejected"] for r in results),
@@ -337,3 +453,32 @@ def run_generate(cfg: GenerateConfig) -> RunSummary:
         removed_tmp=removed,
         complete=doc["complete"],
     )
+
+
+def _execute(cfg: GenerateConfig, executor, todo: list[int], class_names: list[str]) -> tuple[list[dict], float]:
+    """Run `todo` through the executor with a progress bar; on an interrupt, aggregate what is committed."""
+    from tqdm import tqdm
+
+    from synthgen.runfolder import finalize_run
+
+    seen = Counter()
+    bar = tqdm(total=sum(cfg.shard_target(k) for k in todo), desc="generate", unit="img",
+               disable=not cfg.progress, dynamic_ncols=True)
+
+    def on_images(accepted: int, decided: int) -> None:
+        seen["accepted"] += accepted
+        seen["decided"] += decided
+        bar.update(accepted)
+        bar.set_postfix(accept=f"{seen['accepted'] / max(seen['decided'], 1):.0%}", refresh=False)
+
+    results, t0 = [], time.perf_counter()
+    try:
+        for stats in executor.run(todo, on_images):
+            results.append(stats)
+    except Interrupted as exc:
+        exc.committed = len(results)
+        finalize_run(cfg, class_names)
+        raise
+    finally:
+        bar.close()
+    return results, t0

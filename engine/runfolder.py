@@ -2,21 +2,173 @@
 
 Stats files are the truth (STYLE 11): `dataset.json` is rebuilt from them after every run, so it is
 right whichever process or machine wrote which shard.
+
+Several processes (or Ray actors, or SLURM jobs) may work on one folder at once. A shard is claimed
+before it is written: `NNNNNN.lock` is held with an exclusive `flock` for as long as the shard is open,
+and removed after its stats file is written. The kernel drops the lock when its holder dies (kill -9
+included), so a lock file left behind by a dead process is free to claim again: no pid checks, no
+break-the-stale-lock race. The file's content (pid, host, time) only says who holds it, for messages.
+`.run.lock` serialises the short folder-wide steps (create/reopen, cleanup, aggregation).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
+import re
+import socket
+import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
-from synthgen.shards import completed_shards, read_stats, remove_stray_tmp, shard_path, write_json_atomic
+from synthgen.shards import completed_shards, read_stats, shard_path, stats_path, write_json_atomic
 
 RUN_FORMAT = "synthgen-run/1"
 DATASET_JSON = "dataset.json"
+RUN_LOCK = ".run.lock"
+_SHARD_FILE_RE = re.compile(r"^(\d{6})\.(tar|tar\.tmp|stats\.json\.\d+\.tmp|lock)$")
+
+
+# ---- Claims: one writer per shard, across processes -----------------------------------------------
+
+
+def lock_path(run_dir: Path, shard: int) -> Path:
+    return Path(run_dir) / f"{shard:06d}.lock"
+
+
+class ShardClaim:
+    """An exclusive claim on one shard; `release()` removes the lock file, then drops the lock."""
+
+    def __init__(self, shard: int, path: Path, fd: int) -> None:
+        self.shard, self.path, self._fd = shard, path, fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        # Unlink while still holding the lock: a process blocked on the old file sees its inode vanish
+        # and retries on a fresh file (see `_lock_file`), so two holders never coexist.
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> ShardClaim:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _lock_file(path: Path, block: bool) -> int | None:
+    """An fd holding an exclusive flock on `path` (created if needed), or None when held elsewhere."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)  # its holder released (and unlinked) it between our open and flock: try again
+
+
+def claim_shard(run_dir: Path, shard: int, block: bool = False) -> ShardClaim | None:
+    """Claim `shard` for writing; None when another live process holds it (block=True waits instead)."""
+    path = lock_path(run_dir, shard)
+    fd = _lock_file(path, block)
+    if fd is None:
+        return None
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "time": round(time.time(), 3)}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(owner).encode(), 0)
+    return ShardClaim(shard, path, fd)
+
+
+def lock_holder(run_dir: Path, shard: int) -> str:
+    """Who holds the shard's lock, for messages: 'pid 123 on host h' (or 'another process')."""
+    try:
+        owner = json.loads(lock_path(run_dir, shard).read_text())
+        return f"pid {owner['pid']} on host {owner['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Serialise folder-wide steps (create/reopen, cleanup, aggregation) between processes."""
+    fd = os.open(Path(run_dir) / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _shard_files(run_dir: Path) -> dict[int, list[Path]]:
+    """Every shard's tar, temporary files and lock file, by shard index."""
+    found: dict[int, list[Path]] = {}
+    for p in sorted(run_dir.iterdir()):
+        m = _SHARD_FILE_RE.match(p.name)
+        if m and p.is_file():
+            found.setdefault(int(m.group(1)), []).append(p)
+    return found
+
+
+def remove_uncommitted(run_dir: Path) -> list[Path]:
+    """Delete what no live process is writing and was never committed; returns the files removed.
+
+    Per shard: `.tmp` files, a tar without a stats file, and a stale lock file -- but only when its
+    claim can be taken, so the open shard of another live process is left alone. Other `*.tmp` files
+    (dataset.json's) are written under the run lock, which the caller holds.
+    """
+    removed = [p for p in sorted(run_dir.glob("*.tmp")) if not _SHARD_FILE_RE.match(p.name)]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    for shard, paths in _shard_files(run_dir).items():
+        if _stray(run_dir, shard, paths) or any(p.suffix == ".lock" for p in paths):
+            removed += _remove_if_free(run_dir, shard)
+    return removed
+
+
+def _stray(run_dir: Path, shard: int, paths: list[Path]) -> list[Path]:
+    committed = stats_path(run_dir, shard).exists()
+    return [p for p in paths if p.name.endswith(".tmp") or (p.suffix == ".tar" and not committed)]
+
+
+def _remove_if_free(run_dir: Path, shard: int) -> list[Path]:
+    claim = claim_shard(run_dir, shard)
+    if claim is None:
+        return []  # another live process is writing this shard
+    with claim:  # releasing removes the (possibly stale) lock file too
+        stray = _stray(run_dir, shard, _shard_files(run_dir).get(shard, []))
+        for p in stray:
+            p.unlink(missing_ok=True)
+    return stray
+
+
+def held_shards(run_dir: Path) -> list[int]:
+    """Shards whose lock a live process holds right now."""
+    held = []
+    for shard, paths in _shard_files(run_dir).items():
+        if any(p.suffix == ".lock" for p in paths):
+            claim = claim_shard(run_dir, shard)
+            if claim is None:
+                held.append(shard)
+            else:
+                claim.release()
+    return held
 
 
 def versions() -> dict:
@@ -53,12 +205,16 @@ def prepare_run_dir(cfg: GenerateConfig, identity: dict, header: dict) -> list[P
     """Create or reopen `cfg.out` for this identity; returns the stray temporary files it removed.
 
     A folder written under a different identity is refused (resuming it would mix two datasets), unless
-    --overwrite, which deletes only synthgen's own files there.
+    --overwrite, which deletes only synthgen's own files there (refused while another process writes).
     """
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    with run_lock(cfg.out):
+        return _prepare_locked(cfg, _json_roundtrip(identity), header)
+
+
+def _prepare_locked(cfg: GenerateConfig, identity: dict, header: dict) -> list[Path]:
     run_dir = cfg.out
-    run_dir.mkdir(parents=True, exist_ok=True)
     existing = read_dataset_json(run_dir)
-    identity = _json_roundtrip(identity)
     if cfg.overwrite:
         _clear_run_files(run_dir)
         existing = None
@@ -75,7 +231,7 @@ def prepare_run_dir(cfg: GenerateConfig, identity: dict, header: dict) -> list[P
             f"{run_dir} was generated with a different configuration ({details}); resuming would mix two "
             f"datasets. Use the original options, another --out, or --overwrite to start afresh"
         )
-    removed = remove_stray_tmp(run_dir)
+    removed = remove_uncommitted(run_dir)
     if existing is None:
         doc = {"format": RUN_FORMAT, "identity": identity, **_json_roundtrip(header), "complete": False}
         write_json_atomic(run_dir / DATASET_JSON, doc)
@@ -83,13 +239,31 @@ def prepare_run_dir(cfg: GenerateConfig, identity: dict, header: dict) -> list[P
 
 
 def _clear_run_files(run_dir: Path) -> None:
+    held = held_shards(run_dir)
+    if held:
+        raise UsageError(
+            f"--overwrite would delete shards another generate process is writing in {run_dir} (shard "
+            f"{held[0]} is held by {lock_holder(run_dir, held[0])}); stop it first, or drop --overwrite to "
+            "join it"
+        )
+    # Lock files stay: held_shards already removed the stale ones, and deleting a held one would let a
+    # second writer in.
     for pattern in ("*.tar", "*.stats.json", "*.tmp", DATASET_JSON):
         for path in run_dir.glob(pattern):
             path.unlink()
 
 
 def finalize_run(cfg: GenerateConfig, class_names: list[str]) -> dict:
-    """Aggregate every stats file into dataset.json; returns the updated document."""
+    """Aggregate every stats file into dataset.json; returns the updated document.
+
+    Under the run lock, so of two processes finishing together the later one reads every shard the
+    earlier one committed, and the last dataset.json written is complete when the run is.
+    """
+    with run_lock(cfg.out):
+        return _finalize_locked(cfg, class_names)
+
+
+def _finalize_locked(cfg: GenerateConfig, class_names: list[str]) -> dict:
     run_dir = cfg.out
     doc = read_dataset_json(run_dir) or {}
     shards, per_class = {}, Counter()
