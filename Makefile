@@ -1,5 +1,5 @@
 # Two quick-start commands; each sets up its own virtual environment on a fresh machine.
-#   make demo   generate a small dataset with a random tiny pack and verify it
+#   make demo   generate 2k labelled digits with the shipped default pack, verify, preview
 #   make test   run the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 N ?= 2k
 
-.PHONY: setup demo test default-pack compare clean
+.PHONY: setup demo demo-random test default-pack compare clean
 
 setup: $(VENV)/.installed
 
@@ -20,12 +20,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
+	$(BIN)/synthgen generate --n $(N) --out demo/runs/digits --min-score 0.5
+	$(BIN)/synthgen verify demo/runs/digits
+	$(BIN)/synthgen preview demo/runs/digits --out demo/preview.png
+
+# The same engine on a random-weight pack at another architecture (its images are noise).
+demo-random: setup
 	$(BIN)/synthgen pack random --preset tiny --out demo/packs/tiny
 	$(BIN)/synthgen embed --images builtin:digits:train --pack demo/packs/tiny --out demo/banks/digits
 	$(BIN)/synthgen generate --n $(N) --pack demo/packs/tiny --bank demo/banks/digits --out demo/runs/tiny \
 		--steps 10 --shard-size 500 --min-score 0.2
 	$(BIN)/synthgen verify demo/runs/tiny
-	$(BIN)/synthgen preview demo/runs/tiny --out demo/preview.png
 
 # Retrain the shipped default pack from scratch (digits train split, fixed seeds; ~25 min on 2 cores).
 default-pack: setup

@@ -25,7 +25,8 @@ from synthgen.bank import Bank, check_bank_fits_pack, load_bank
 from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
 from synthgen.filtering import accept_group, cosine_scores
-from synthgen.models.denoiser import guided
+from synthgen.kernels.dispatch import guided_step
+from synthgen.models.denoiser import cond_uncond
 from synthgen.noise import STREAM_INIT, STREAM_STEP0, gaussian
 from synthgen.pack import Pack, load_pack
 from synthgen.plan import Planner, SamplePlan, conditions
@@ -120,14 +121,19 @@ def generate_batch(engine: Engine, sample_ids: np.ndarray, keep_pixels: bool = F
     shape = engine.sample_shape
     denoiser, cfg_scale, dtype = engine.pack.denoiser, engine.cfg.cfg, engine.dtype
 
-    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The sampler state stays float32; only the network runs in the pack dtype.
-        return guided(denoiser, x.to(dtype), t, cond_in, null_in, cfg_scale).float()
+        out_cond, out_uncond = cond_uncond(denoiser, x.to(dtype), t, cond_in, null_in, cfg_scale)
+        return out_cond.float(), None if out_uncond is None else out_uncond.float()
+
+    def step(plan, k, x, outputs, prev_x0, noise):
+        # Guidance and the sampler update as one elementwise pass (a Triton kernel on CUDA).
+        return guided_step(plan, k, x, outputs[0], outputs[1], cfg_scale, prev_x0, noise)
 
     def noise_fn(k: int) -> torch.Tensor:
         return gaussian(seeds, STREAM_STEP0 + k, shape)
 
-    x0 = sample(engine.sampler, model_fn, gaussian(seeds, STREAM_INIT, shape), noise_fn)
+    x0 = sample(engine.sampler, model_fn, gaussian(seeds, STREAM_INIT, shape), noise_fn, step=step)
     images = engine.pack.vae(x0.to(dtype)).float() if engine.pack.vae is not None else x0
     valid = torch.isfinite(images).flatten(1).all(dim=1)
     pixels = ((images.nan_to_num(0.0) + 1) / 2).clamp(0, 1)  # (B, 3, H, W) in [0, 1]

@@ -337,16 +337,19 @@ def sample(
     model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x_T: torch.Tensor,
     noise_fn: Callable[[int], torch.Tensor],
+    step: Callable = None,
 ) -> torch.Tensor:
     """Run all steps from x_T ~ N(0, I) (B, ...) and return the sample, shaped and typed like x_T.
 
     model_fn(x, t) gets t as a (B,) tensor of plan.timesteps[k]; noise_fn(k) is called once per step that adds
-    noise (stochastic plans, every step but the last), in step order.
+    noise (stochastic plans, every step but the last), in step order. `step` replaces `sampler_step` with
+    the same signature (e.g. a fused guidance + update kernel that takes model_fn's output as it is).
     """
+    step = step or sampler_step
     x, x0 = x_T * plan.init_scale, None
     for k in range(plan.steps):
         t = plan.timesteps[k].expand(x.shape[0])
         noisy = plan.stochastic and k < plan.steps - 1
         model_output = model_fn(x, t)
-        x, x0 = sampler_step(plan, k, x, model_output, x0, noise_fn(k) if noisy else None)
+        x, x0 = step(plan, k, x, model_output, x0, noise_fn(k) if noisy else None)
     return x

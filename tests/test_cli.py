@@ -124,3 +124,13 @@ def test_dataset_json_records_config_and_versions(gen_kwargs):
     doc = json.loads((gen_kwargs["out"] / "dataset.json").read_text())
     assert doc["config"]["sampler"] == "ddim" and doc["versions"]["torch"]
     assert doc["identity"]["steps"] == 2 and "pack_hash" in doc["identity"] and doc["random_weights"] is True
+
+
+def test_generate_without_pack_uses_the_shipped_default_pack(tmp_path):
+    from synthgen.pack import DEFAULT_PACK, read_pack_config
+    from synthgen.pipeline import run_generate
+
+    assert (DEFAULT_PACK / "pack.json").is_file(), "the trained default pack must ship inside the package"
+    assert not read_pack_config(DEFAULT_PACK).random_weights
+    summary = run_generate(GenerateConfig(n=20, out=tmp_path / "run", steps=4, shard_size=10, progress=False))
+    assert summary.complete and summary.images == 20

@@ -44,16 +44,24 @@ class Denoiser(nn.Module):
         return self.net(x, t, cond)
 
 
+def cond_uncond(
+    denoiser: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, cfg: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Conditional and unconditional predictions as ONE batched forward over both halves.
+
+    x (B, C, H, W), t (B,), cond (B, D), null (D,) the pack's null condition -> two (B, C, H, W), or
+    (out_cond, None) when cfg == 1 (plain conditional sampling needs no unconditional half).
+    """
+    if cfg == 1.0:
+        return denoiser(x, t, cond), None
+    both = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null.expand_as(cond)]))
+    out_cond, out_uncond = both.chunk(2)
+    return out_cond, out_uncond
+
+
 def guided(
     denoiser: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, cfg: float
 ) -> torch.Tensor:
-    """Classifier-free guidance on the representation as one batched forward over cond and uncond.
-
-    x (B, C, H, W), t (B,), cond (B, D), null (D,) the pack's null condition -> (B, C, H, W).
-    cfg == 1 is plain conditional sampling and skips the unconditional half.
-    """
-    if cfg == 1.0:
-        return denoiser(x, t, cond)
-    both = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null.expand_as(cond)]))
-    out_cond, out_uncond = both.chunk(2)
-    return out_uncond + cfg * (out_cond - out_uncond)
+    """Classifier-free guidance on the representation: uncond + cfg * (cond - uncond), (B, C, H, W)."""
+    out_cond, out_uncond = cond_uncond(denoiser, x, t, cond, null, cfg)
+    return out_cond if out_uncond is None else out_uncond + cfg * (out_cond - out_uncond)
