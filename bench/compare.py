@@ -115,12 +115,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="classifier optimisation steps per arm")
     parser.add_argument("--rep-pack", type=Path, default=None, help="default: the shipped default pack")
     parser.add_argument("--class-pack", type=Path, default=None, help="default: trained here (same budget)")
+    parser.add_argument("--only", default=None, help="|-separated arm-name prefixes to run (default: all)")
     args = parser.parse_args()
+    only = tuple(args.only.split("|")) if args.only else None
     run(args.out, args.quick, 1 if args.quick else args.seeds, 60 if args.quick else args.steps,
-        args.rep_pack, args.class_pack)
+        args.rep_pack, args.class_pack, only)
 
 
-def run(out: Path, quick: bool, seeds: int, steps: int, rep_pack: Path | None, class_pack: Path | None) -> dict:
+def run(out: Path, quick: bool, seeds: int, steps: int, rep_pack: Path | None, class_pack: Path | None,
+        only: tuple[str, ...] | None = None) -> dict:
     from synthgen.cli import concat_sets
     from synthgen.pack import DEFAULT_PACK
     from synthgen.train.classifier import ClassifierConfig, evaluate, train_classifier
@@ -134,7 +137,7 @@ def run(out: Path, quick: bool, seeds: int, steps: int, rep_pack: Path | None, c
     test = load_images(REAL_TEST, 16)
     taus = pilot_taus(rep_pack, work)
     results, t0, runs = [], time.perf_counter(), {}
-    plan = arms(quick, taus)
+    plan = [a for a in arms(quick, taus) if only is None or a.name.startswith(only)]
     largest = {}
     for arm in plan:
         if arm.synthetic:
