@@ -2,10 +2,16 @@
 
 The same `preprocess` serves real images in `embed` and generated images in the filter, so a
 generated image is scored exactly the way its conditioning embedding was computed.
+
+Every self-attention block of the timm network runs its softmax(q k^T) v through
+`synthgen.kernels.dispatch.attention` (the fused Triton kernel on CUDA, torch's SDPA elsewhere and while
+exporting or compiling): `route_attention` swaps the block's class for a subclass whose forward is timm's
+with that one call replaced, so parameters, buffers and state-dict keys are untouched and packs load as before.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -13,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthgen.errors import UsageError
+from synthgen.kernels import dispatch as kernels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,7 +61,113 @@ def build_encoder_module(spec: EncoderSpec) -> nn.Module:
     import timm
 
     kwargs = {"img_size": spec.crop, **spec.kwargs}
-    return timm.create_model(spec.model, pretrained=False, num_classes=0, **kwargs)
+    return route_attention(timm.create_model(spec.model, pretrained=False, num_classes=0, **kwargs))
+
+
+# ---- Attention through the kernel dispatcher ----
+
+
+def route_attention(net: nn.Module) -> nn.Module:
+    """Send every timm self-attention block of `net` through the kernel dispatcher, in place; returns `net`.
+
+    Covered: `timm.layers.Attention` (the DINOv2 and CLIP ViT layouts, register tokens included) and
+    `timm.models.eva.EvaAttention` (the DINOv3 layout: RoPE is applied to q and k before the attention,
+    exactly as timm does, so it routes too). Only those exact classes are swapped; any other attention
+    module (a subclass, AttentionRope, attention pooling) keeps timm's own forward.
+    """
+    routed = _routed_classes()
+    for module in net.modules():
+        cls = routed.get(type(module))
+        if cls is not None:
+            module.__class__ = cls  # same instance, parameters and buffers: only the forward changes
+    return net
+
+
+def _routable(module: nn.Module, attn_mask: torch.Tensor | None, is_causal: bool) -> bool:
+    """The dispatcher computes plain unmasked, dropout-free attention; anything else stays on timm's path."""
+    return attn_mask is None and not is_causal and not (module.training and module.attn_drop.p > 0)
+
+
+def _attend_and_project(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        gate: torch.Tensor | None) -> torch.Tensor:
+    """The shared tail of timm's attention forwards, with SDPA replaced by the dispatcher."""
+    B, H, N, Dh = q.shape
+    # Default scale Dh^-0.5: timm's fused path calls SDPA without a scale, so the fallback is that very call.
+    y = kernels.attention(q, k, v)  # (B, H, N, Dh)
+    y = y.transpose(1, 2).reshape(B, N, H * Dh)  # (B, N, H*Dh); free for the kernel's (B, N, H, Dh) output
+    norm = getattr(module, "norm", None)  # scale_norm: Identity in these layouts
+    if norm is not None:
+        y = norm(y)
+    if gate is not None:
+        y = y * gate
+    return module.proj_drop(module.proj(y))  # (B, N, D)
+
+
+def _vit_attention_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                           is_causal: bool = False) -> torch.Tensor:
+    """timm.layers.Attention.forward (timm 1.0) with the attention step routed."""
+    if not _routable(self, attn_mask, is_causal):
+        return self._timm_forward(x, attn_mask=attn_mask, is_causal=is_causal)
+    B, N, _ = x.shape
+    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # 3 x (B, H, N, Dh), strided views of one projection
+    return _attend_and_project(self, self.q_norm(q), self.k_norm(k), v, gate)
+
+
+def _eva_attention_forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
+                           attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """timm.models.eva.EvaAttention.forward (timm 1.0) with the attention step routed."""
+    if not _routable(self, attn_mask, is_causal):
+        return self._timm_forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+    B, N, _ = x.shape
+    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    if self.qkv is not None:
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        elif getattr(self, "qkv_bias_separate", False):  # no k bias: timm keeps a zero buffer in its place
+            qkv = self.qkv(x) + torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        else:
+            qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
+    else:
+        q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)  # (B, H, N, Dh)
+        k = self.k_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+        v = self.v_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+    q, k = self.q_norm(q), self.k_norm(k)
+    if rope is not None:  # rotate the patch tokens only; CLS and register tokens carry no position
+        npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], self._rotate(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt], self._rotate(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+    return _attend_and_project(self, q, k, v, gate)
+
+
+@functools.cache
+def _routed_classes() -> dict[type, type]:
+    """{timm attention class: routed subclass}, built on first use so importing this module skips timm."""
+    from timm.layers import Attention, apply_rot_embed_cat
+    from timm.models.eva import EvaAttention
+
+    classes = {}
+    for base, forward, extra in (
+        (Attention, _vit_attention_forward, {}),
+        (EvaAttention, _eva_attention_forward, {"_rotate": staticmethod(apply_rot_embed_cat)}),
+    ):
+        name = f"Routed{base.__name__}"
+        namespace = {"forward": forward, "_timm_forward": base.forward, "__module__": __name__, "__qualname__": name,
+                     "__doc__": f"{base.__name__} whose attention step runs through synthgen.kernels.dispatch."}
+        cls = type(name, (base,), {**namespace, **extra})
+        classes[base] = cls
+    return classes
+
+
+def __getattr__(name: str) -> type:
+    """`RoutedAttention` / `RoutedEvaAttention` as module attributes (PEP 562), so routed networks pickle."""
+    if name.startswith("Routed"):
+        for cls in _routed_classes().values():
+            if cls.__name__ == name:
+                return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ImageEncoder(nn.Module):
