@@ -6,6 +6,8 @@ BANK/
   bank.json                class names, keys, encoder identity, source, per-class counts, skipped inputs
 ```
 An unreadable input never stops `embed`: it is skipped, counted and listed in bank.json.
+Images are decoded and resized (shorter side to the encoder's `resize`) by a `synthgen.decode` decoder:
+DALI when importable, else PIL; bank.json records which.
 """
 
 from __future__ import annotations
@@ -134,16 +136,24 @@ def build_bank(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    decoder: str = "auto",
 ) -> dict:
-    """Encode every readable image of `images` (see sources.open_source) and write a bank; returns a summary."""
+    """Encode every readable image of `images` (see sources.open_source) and write a bank; returns a summary.
+
+    decoder: "auto" (DALI when importable, else PIL), "dali" or "pil" (see synthgen.decode). Decoding
+    resizes the shorter side to the encoder's `resize`, so the encoder's own resize is then a no-op and
+    batches of large photos stay small in memory.
+    """
     from tqdm import tqdm
 
+    from synthgen.decode import make_decoder
     from synthgen.sources import open_source
 
     if batch_size < 1:
         raise UsageError(f"--batch must be >= 1, got {batch_size}")
     source = open_source(images)
     config = read_pack_config(pack)
+    image_decoder = make_decoder(decoder, resize=config.encoder.resize, batch_size=batch_size, device=device)
     encoder = load_pack(pack, device=device, dtype=dtype, components=("encoder",)).encoder
     out = Path(out)
     start = time.perf_counter()
@@ -156,7 +166,8 @@ def build_bank(
                 chunks.append(encoder.embed(pixels).float().cpu())
             pending.clear()
 
-    for item in tqdm(source, total=len(source), desc="embed", unit="img", disable=not progress):
+    items = source.items(image_decoder)
+    for item in tqdm(items, total=len(source), desc=f"embed ({image_decoder.name})", unit="img", disable=not progress):
         if item.image is None:
             skipped.append({"key": item.key, "error": item.error})
             continue
@@ -172,6 +183,8 @@ def build_bank(
     if not torch.isfinite(embeddings).all():
         raise UsageError("the encoder produced non-finite embeddings; check the pack's encoder weights")
     meta = write_bank(out, embeddings, labels, keys, source.class_names, encoder_id(config), source=images,
-                      extra={"pack": str(pack), "num_skipped": len(skipped), "skipped": skipped})
+                      extra={"pack": str(pack), "decoder": image_decoder.description,
+                             "num_skipped": len(skipped), "skipped": skipped})
     seconds = time.perf_counter() - start
-    return {"embedded": len(keys), "skipped": skipped, "seconds": seconds, "out": str(out), "dim": meta["dim"]}
+    return {"embedded": len(keys), "skipped": skipped, "seconds": seconds, "out": str(out), "dim": meta["dim"],
+            "decoder": image_decoder.description}

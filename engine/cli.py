@@ -105,10 +105,13 @@ def embed(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 encoder precision."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    decoder: str = typer.Option("auto", help="auto | dali | pil: image decoder (auto = DALI when installed)."),
 ):
     """Encode real images into an embedding bank (float16 embeddings, labels, keys, class names).
 
     Unreadable images are skipped, counted and listed in BANK/bank.json; they never stop the run.
+    Images are decoded and resized by NVIDIA DALI when it is installed (on the GPU with --device cuda),
+    else by PIL; the decoder used is printed and recorded in bank.json.
 
     Example: synthgen embed --images builtin:digits:train --pack packs/tiny --out banks/digits
     """
@@ -117,8 +120,10 @@ def embed(
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    summary = build_bank(images, pack, out, batch, str(resolve_device(device)), TORCH_DTYPES[dtype], progress)
-    typer.echo(f"embedded {summary['embedded']} images ({summary['dim']}-d) into {out} in {summary['seconds']:.1f} s")
+    summary = build_bank(images, pack, out, batch, str(resolve_device(device)), TORCH_DTYPES[dtype], progress,
+                         decoder)
+    typer.echo(f"embedded {summary['embedded']} images ({summary['dim']}-d) into {out} in {summary['seconds']:.1f} s "
+               f"(decoder: {summary['decoder']})")
     if summary["skipped"]:
         typer.echo(f"skipped {len(summary['skipped'])} unreadable input(s) (listed in {out}/bank.json):")
         for s in summary["skipped"][:10]:

@@ -1,9 +1,14 @@
 """Labelled real images for `synthgen embed`: an ImageNet-style folder, WebDataset shards, or a builtin set.
 
 `open_source(spec)` validates the spec once (STYLE.md 14): a spec that names nothing readable raises
-`UsageError` saying which forms are accepted. After that, failures are data: a file that PIL cannot
-decode (corrupt, truncated, empty, not an image) becomes a `SourceItem` with `image=None` and a short
-`error`, so the embedding run counts it and goes on.
+`UsageError` saying which forms are accepted. After that, failures are data: a file that cannot be
+read or decoded (corrupt, truncated, empty, not an image) becomes a `SourceItem` with `image=None` and a
+short `error`, so the embedding run counts it and goes on.
+
+Reading and decoding are apart: the folder and shard readers produce encoded bytes, and
+`ImageSource.items(decoder)` decodes them a batch at a time with a `synthgen.decode` decoder (DALI or
+PIL), so both kinds of source share one decode path and one place where bad files are handled.
+Iterating a source (`for item in source`) decodes with PIL at the images' own size.
 
 Accepted specs:
 
@@ -29,10 +34,8 @@ from __future__ import annotations
 
 import functools
 import glob
-import io
 import json
 import os
-import struct
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -40,8 +43,9 @@ from pathlib import Path
 
 import braceexpand
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image
 
+from synthgen.decode import MAX_ERROR_CHARS, DaliDecoder, PilDecoder, image_to_uint8_rgb, short_error
 from synthgen.errors import UsageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -51,17 +55,9 @@ DIGITS_COUNT = 1797
 DIGITS_TEST_SIZE = 0.25
 DIGITS_SEED = 0
 UNKNOWN_LABEL = -1
-MAX_ERROR_CHARS = 200
 
-# What PIL raises for a bad file: OSError (UnidentifiedImageError, "image file is truncated"),
-# ValueError, SyntaxError (some plugins' header parsers), EOFError and struct.error (short reads in
-# plugins), DecompressionBombError (an image too large to decode safely). Anything else is a bug.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 # What reading a broken tar raises through webdataset (tarfile errors, short reads, duplicate members).
 _SHARD_ERRORS = (OSError, ValueError, EOFError, tarfile.TarError)
-
-# A truncated file must be reported as unreadable, not decoded with grey padding.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _ACCEPTED_FORMS = (
     "accepted forms: a folder with one subfolder of images per class (ImageNet layout); WebDataset "
@@ -79,60 +75,65 @@ class SourceItem:
 
 
 @dataclass(frozen=True)
+class RawItem:
+    """What a reader yields: encoded bytes to decode, pixels already decoded, or neither and an error."""
+
+    key: str
+    label: int
+    data: bytes | np.ndarray | None  # encoded image; (H, W, 3) uint8 RGB for in-memory sets; None on error
+    error: str | None
+
+
+@dataclass(frozen=True)
 class ImageSource:
     """A sized, re-iterable, picklable sequence of `SourceItem`s in a fixed order."""
 
     spec: str
     class_names: list[str]
     _length: int = field(repr=False)
-    _items: Callable[[], Iterator[SourceItem]] = field(repr=False, compare=False)
+    _raw: Callable[[], Iterator[RawItem]] = field(repr=False, compare=False)
 
     def __len__(self) -> int:
         return self._length
 
     def __iter__(self) -> Iterator[SourceItem]:
-        return self._items()
+        return self.items()
+
+    def items(self, decoder: DaliDecoder | PilDecoder | None = None) -> Iterator[SourceItem]:
+        """Every item in source order, encoded images decoded `decoder.batch_size` at a time.
+
+        decoder: a `synthgen.decode` decoder (its `resize` applies to decoded bytes); default PIL at the
+        images' own size. Pixels a source already holds in memory (builtin:digits) are passed through
+        as they are: the encoder's preprocessing resizes them.
+        """
+        return _decode_in_batches(self._raw(), decoder or PilDecoder())
 
 
 # ---------------------------------------------------------------------------------------------------
-# Decoding: the one place where pixels become (H, W, 3) uint8 RGB
+# Decoding: bytes from every reader go through one decoder, in batches, in order
 # ---------------------------------------------------------------------------------------------------
 
 
-def image_to_uint8_rgb(img: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from any PIL image: grayscale, RGBA, palette, CMYK, 16-bit, EXIF-rotated.
-
-    Alpha is dropped, not composited. 16-bit and integer images are scaled from 0..65535 when any value
-    exceeds 255. Raises what PIL raises for a bad file (see DECODE_ERRORS).
-    """
-    img.load()
-    img = ImageOps.exif_transpose(img)  # camera photos are stored sideways with an orientation tag
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        img = Image.fromarray(_high_bit_depth_to_uint8(np.asarray(img)))
-    return np.array(img.convert("RGB"), dtype=np.uint8)
+def _decode_in_batches(raw: Iterator[RawItem], decoder: DaliDecoder | PilDecoder) -> Iterator[SourceItem]:
+    # Bounded look-ahead: at most batch_size items wait, whatever their mix of bytes and arrays.
+    pending: list[RawItem] = []
+    for item in raw:
+        pending.append(item)
+        if len(pending) >= decoder.batch_size:
+            yield from _decode_pending(pending, decoder)
+            pending = []
+    yield from _decode_pending(pending, decoder)
 
 
-def _high_bit_depth_to_uint8(values: np.ndarray) -> np.ndarray:
-    values = values.astype(np.float64)
-    if values.size and values.max() > 255:
-        values = values / 257.0  # 65535 -> 255
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
-
-
-def _short_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
-
-
-def _decode(open_arg) -> tuple[np.ndarray | None, str | None]:
-    """(image, None) or (None, error) for a path or a file object; never raises for a bad file."""
-    try:
-        with Image.open(open_arg) as img:
-            return image_to_uint8_rgb(img), None
-    except DECODE_ERRORS as exc:
-        return None, _short_error(exc)
+def _decode_pending(pending: list[RawItem], decoder: DaliDecoder | PilDecoder) -> Iterator[SourceItem]:
+    blobs = [item.data for item in pending if isinstance(item.data, bytes)]
+    decoded = iter(decoder.decode(blobs) if blobs else [])
+    for item in pending:
+        if isinstance(item.data, bytes):
+            image, error = next(decoded)
+        else:
+            image, error = item.data, item.error
+        yield SourceItem(item.key, item.label, image, error)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,10 +205,13 @@ def _open_image_folder(spec: str, root: Path) -> ImageSource:
     return ImageSource(spec, [p.name for p in class_dirs], len(entries), functools.partial(_iter_files, entries))
 
 
-def _iter_files(entries: tuple[tuple[str, int, str], ...]) -> Iterator[SourceItem]:
+def _iter_files(entries: tuple[tuple[str, int, str], ...]) -> Iterator[RawItem]:
     for key, label, path in entries:
-        image, error = _decode(path)
-        yield SourceItem(key, label, image, error)
+        try:
+            with open(path, "rb") as f:
+                yield RawItem(key, label, f.read(), None)
+        except OSError as exc:  # removed or unreadable since open_source listed it
+            yield RawItem(key, label, None, short_error(exc))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,7 +261,7 @@ def _read_class_file(spec: str, folder: str) -> list[str] | None:
                 text = f.read()
             names = json.loads(text) if name.endswith(".json") else text.rstrip().splitlines()
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UsageError(f"source {spec!r}: cannot read class names from {path} ({_short_error(exc)})") from None
+            raise UsageError(f"source {spec!r}: cannot read class names from {path} ({short_error(exc)})") from None
         if isinstance(names, list) and names and all(isinstance(n, str) and n.strip() for n in names):
             names = [n.strip() for n in names]
             if len(set(names)) == len(names):
@@ -290,7 +294,7 @@ def _wds_samples(shards: Iterable[str]) -> Iterator[dict]:
 def _tar_error(exc: BaseException) -> str:
     # webdataset appends the stream and url to an exception's args; the first arg is the reason.
     if isinstance(exc, OSError) and exc.errno is not None:
-        return _short_error(exc)
+        return short_error(exc)
     return f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}"[:MAX_ERROR_CHARS]
 
 
@@ -347,18 +351,17 @@ def _image_member(sample: dict) -> bytes | None:
     return None
 
 
-def _iter_shards(shards: tuple[str, ...], entries: tuple[tuple[str, int, str | None], ...]) -> Iterator[SourceItem]:
+def _iter_shards(shards: tuple[str, ...], entries: tuple[tuple[str, int, str | None], ...]) -> Iterator[RawItem]:
     # The scan in open_source fixed the count and the labels; if a shard changed since, stop at the scanned count.
     for (key, label, error), sample in zip(entries, _wds_samples(shards)):
         if error is not None:
-            yield SourceItem(key, label, None, error)
+            yield RawItem(key, label, None, error)
             continue
         data = _image_member(sample)
         if data is None:
-            yield SourceItem(key, label, None, f"sample has none of the image members {SHARD_IMAGE_MEMBERS}")
+            yield RawItem(key, label, None, f"sample has none of the image members {SHARD_IMAGE_MEMBERS}")
             continue
-        image, error = _decode(io.BytesIO(data))
-        yield SourceItem(key, label, image, error)
+        yield RawItem(key, label, bytes(data), None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -410,11 +413,11 @@ def _open_digits(spec: str) -> ImageSource:
     return ImageSource(spec, [str(d) for d in range(10)], len(indices), functools.partial(_iter_digits, indices))
 
 
-def _iter_digits(indices: tuple[int, ...]) -> Iterator[SourceItem]:
+def _iter_digits(indices: tuple[int, ...]) -> Iterator[RawItem]:
     pixels, target = _digits()
     for i in indices:
         image = image_to_uint8_rgb(Image.fromarray(pixels[i]))
-        yield SourceItem(f"digits_{i:04d}", int(target[i]), image, None)
+        yield RawItem(f"digits_{i:04d}", int(target[i]), image, None)
 
 
 # ---------------------------------------------------------------------------------------------------
