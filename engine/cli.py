@@ -158,6 +158,15 @@ def generate(
     save_cond: bool = typer.Option(_default("save_cond"), help="Also store each condition as float16 .npy."),
     dtype: str = typer.Option(_default("dtype"), help=" | ".join(DTYPES) + " (bf16 is ~4x fp32 on AVX-512 CPUs)."),
     batch: int = typer.Option(_default("batch"), min=1, help="Samples per denoiser batch (never changes images)."),
+    batch_buckets: Optional[str] = typer.Option(None, help="Static batch sizes chunks are padded up to, e.g. "
+                                                "8,32,128 (default: powers of two up to the largest batch)."),
+    decode_batch: Optional[int] = typer.Option(None, min=1, help="Samples per VAE decode chunk (default: --batch)."),
+    filter_batch: Optional[int] = typer.Option(None, min=1, help="Samples per filter-encoder chunk "
+                                               "(default: --batch)."),
+    encode_workers: Optional[int] = typer.Option(None, min=1, help="Image-encoding threads (default: half the "
+                                                 "cores, 2 to 8)."),
+    image_encoder: str = typer.Option(_default("image_encoder"), help="auto | simplejpeg | pillow | nvjpeg: the "
+                                      "JPEG encoder (auto: nvjpeg on CUDA, else simplejpeg, else Pillow)."),
     device: str = typer.Option(_default("device"), help=" | ".join(DEVICES)),
     shards: Optional[str] = typer.Option(None, help="Only shards A:B (half-open), e.g. for a SLURM array."),
     overwrite: bool = typer.Option(False, help="Delete this folder's shards and start afresh (default: resume)."),
@@ -198,7 +207,8 @@ def generate(
         max_oversample=max_oversample, seed=seed, shard_size=shard_size, format=format, quality=quality,
         save_cond=save_cond, dtype=dtype, batch=batch, device=device, shards=shards, overwrite=overwrite,
         progress=progress, engine=engine, backend=backend, executor=executor, workers=workers, address=address,
-        gpus_per_worker=gpus_per_worker,
+        gpus_per_worker=gpus_per_worker, batch_buckets=batch_buckets, decode_batch=decode_batch,
+        filter_batch=filter_batch, encode_workers=encode_workers, image_encoder=image_encoder,
     )
     try:
         summary = run_generate(config)

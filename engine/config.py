@@ -16,6 +16,8 @@ from synthgen.errors import UsageError
 from synthgen.filtering import FilterConfig
 from synthgen.plan import PlanConfig
 from synthgen.samplers import SAMPLERS
+from synthgen.scheduler import BatchSizes, default_buckets
+from synthgen.shards import IMAGE_ENCODERS  # JPEG only; WebP and PNG always use Pillow
 
 FORMATS = ("jpg", "webp", "png")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -23,10 +25,13 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("eager", "compile", "ort", "trt", "auto")
 # Execution settings: changing them never changes which image a sample id gets. `engine` / `backend`
 # run the same networks through another runtime: images match the eager run within the error the engine
-# recorded against eager when it was built (manifest.json), not bitwise.
+# recorded against eager when it was built (manifest.json), not bitwise. `image_encoder` picks the JPEG
+# library: the pixels encoded are the same, the compressed bytes differ between libraries (each shard's
+# stats file names the encoder that wrote it).
 EXECUTION_FIELDS = (
     "out", "pack", "bank", "batch", "device", "shards", "overwrite", "progress", "engine", "backend",
-    "executor", "workers", "address", "gpus_per_worker",
+    "executor", "workers", "address", "gpus_per_worker", "batch_buckets", "decode_batch", "filter_batch",
+    "encode_workers", "image_encoder",
 )
 EXECUTORS = ("local", "ray")
 
@@ -49,6 +54,20 @@ def parse_count(text: str | int) -> int:
     if value < 1:
         raise UsageError(f"--n must be at least 1, got {text!r}")
     return value
+
+
+def parse_buckets(text: str | tuple | list | None) -> tuple[int, ...] | None:
+    """'8,32,128' -> (8, 32, 128), sorted and unique; None or '' -> None. Raises UsageError."""
+    if text is None or text == "" or text == ():
+        return None
+    parts = str(text).split(",") if isinstance(text, str) else list(text)
+    try:
+        sizes = {int(str(p).strip()) for p in parts if str(p).strip()}
+    except ValueError:
+        sizes = set()
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch-buckets {text!r} must be comma-separated positive integers, e.g. 8,32,128")
+    return tuple(sorted(sizes))
 
 
 def parse_shard_range(text: str | None) -> tuple[int, int] | None:
@@ -87,7 +106,12 @@ class GenerateConfig:
     quality: int = 90
     save_cond: bool = False
     dtype: str = "fp32"
-    batch: int = 32
+    batch: int = 32  # denoiser rows per chunk
+    batch_buckets: tuple[int, ...] | None = None  # None: powers of two up to the largest stage batch
+    decode_batch: int | None = None  # VAE decode rows per chunk; None: --batch
+    filter_batch: int | None = None  # filter-encoder rows per chunk; None: --batch
+    encode_workers: int | None = None  # image-encoding threads; None: from the CPU count
+    image_encoder: str = "auto"  # JPEG encoder: nvjpeg on CUDA, else simplejpeg, else Pillow
     device: str = "auto"
     shards: tuple[int, int] | None = None
     overwrite: bool = False
@@ -107,12 +131,14 @@ class GenerateConfig:
             object.__setattr__(self, "bank", Path(self.bank))
         if isinstance(self.shards, str):
             object.__setattr__(self, "shards", parse_shard_range(self.shards))
+        object.__setattr__(self, "batch_buckets", parse_buckets(self.batch_buckets))
         _choice("--sampler", self.sampler, SAMPLERS)
         _choice("--format", self.format, FORMATS)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--device", self.device, DEVICES)
         _choice("--backend", self.backend, BACKENDS)
         _choice("--executor", self.executor, EXECUTORS)
+        _choice("--image-encoder", self.image_encoder, IMAGE_ENCODERS)
         if self.workers is not None:
             _at_least("--workers", self.workers, 1)
         if self.gpus_per_worker is not None and not (math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):
@@ -125,6 +151,10 @@ class GenerateConfig:
                 raise UsageError("give --engine ENGINE_DIR or --backend, not both: the engine folder names its backend")
         _at_least("--steps", self.steps, 1)
         _at_least("--batch", self.batch, 1)
+        for option, value in (("--decode-batch", self.decode_batch), ("--filter-batch", self.filter_batch),
+                              ("--encode-workers", self.encode_workers)):
+            if value is not None:
+                _at_least(option, value, 1)
         _at_least("--max-oversample", self.max_oversample, 1)
         if not 1 <= self.shard_size <= 100_000:
             raise UsageError(f"--shard-size must be in [1, 100000] (keys hold 5 digits), got {self.shard_size}")
@@ -142,6 +172,12 @@ class GenerateConfig:
     @property
     def filter_config(self) -> FilterConfig:
         return FilterConfig(min_score=self.min_score, keep_top=self.keep_top, group=self.keep_top_group)
+
+    @property
+    def batch_sizes(self) -> BatchSizes:
+        """Per-stage chunk sizes and the buckets chunks are padded to (engine/scheduler.py)."""
+        decode, filt = self.decode_batch or self.batch, self.filter_batch or self.batch
+        return BatchSizes(self.batch, decode, filt, self.batch_buckets or default_buckets(self.batch, decode, filt))
 
     @property
     def num_shards(self) -> int:
@@ -165,6 +201,7 @@ class GenerateConfig:
         for k in ("out", "pack", "bank", "engine"):
             d[k] = None if d[k] is None else str(d[k])
         d["shards"] = list(self.shards) if self.shards else None
+        d["batch_buckets"] = list(self.batch_buckets) if self.batch_buckets else None
         return d
 
 

@@ -1,22 +1,35 @@
 """generate: embedding bank -> planned conditions -> denoiser x K -> decode -> filter -> shards.
 
-Data flows one way:
-  plan(ids) -> conditions + noise (pure functions of run seed and id)
-  -> sample() with CFG on the representation -> VAE decode -> re-encode and score (on the device)
-  -> one transfer per batch -> group decisions in id order -> encode images -> ShardWriter
-A shard is the unit of work: `generate_shard` needs only the engine, the config and the shard index.
+Data flows one way, through three kinds of workers joined by bounded queues:
+
+  device thread   plan(ids) -> conditions + noise (pure functions of run seed and id) -> sample() with
+                  CFG on the representation -> VAE decode -> re-encode and score, each stage in bucketed
+                  chunks of its own size (scheduler.py) -> NaN/Inf rows retried once in higher precision
+                  -> one transfer per batch -> queue (at most QUEUE_DEPTH batches ahead)
+  calling thread  group decisions in id order -> submit the kept images to the encoder pool -> write
+                  encoded samples in decision order, at most ENCODE_DEPTH groups behind -> commit
+  encoder pool    JPEG (nvJPEG, simplejpeg or Pillow), WebP, PNG
+
+So the device works on batch i+1 while the pool encodes and the calling thread writes batch i, and memory
+is bounded by the queue depths, never by --n. A shard is the unit of work: `generate_shard` needs only
+the engine, the config and the shard index.
 """
 
 from __future__ import annotations
 
+import contextvars
+import copy
+import os
+import queue
 import signal
 import threading
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,16 +37,22 @@ import torch
 from synthgen.bank import Bank, check_bank_fits_pack, load_bank
 from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
-from synthgen.filtering import accept_group, cosine_scores
-from synthgen.kernels.dispatch import guided_step
+from synthgen.filtering import accept_group
+from synthgen.kernels.dispatch import cosine_filter, guided_step
 from synthgen.models.denoiser import cond_uncond
 from synthgen.noise import STREAM_INIT, STREAM_STEP0, gaussian
 from synthgen.pack import Pack, load_pack
 from synthgen.plan import Planner, SamplePlan, conditions
 from synthgen.samplers import SamplerPlan, make_plan, sample
-from synthgen.shards import SampleRecord, ShardWriter, encode_image, sample_key, shard_path, stats_path, write_stats
+from synthgen.scheduler import STAGES, AdaptiveBatch, BatchSizes, finite_rows, pad_rows, retry_dtype, run_chunked
+from synthgen.shards import (
+    SampleRecord, ShardWriter, encode_image, encode_jpeg_cuda, resolve_image_encoder, sample_key, shard_path,
+    stats_path, write_stats,
+)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUEUE_DEPTH = 2  # device batches computed ahead of the decisions: enough to hide a slow decision or write
+ENCODE_DEPTH = 2  # decided groups being encoded while older ones are written
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,7 +74,28 @@ def resolve_bank_path(cfg: GenerateConfig) -> Path:
     )
 
 
+def encode_workers(cfg: GenerateConfig) -> int:
+    """Image-encoding threads: --encode-workers, else half the cores (the device thread and the writer
+    need the rest), at least 2 and at most 8."""
+    return cfg.encode_workers or min(8, max(2, (os.cpu_count() or 2) // 2))
+
+
 # ---- Engine: everything loaded once per process ---------------------------------------------------
+
+
+@dataclass
+class Models:
+    """The networks of one precision: the run's own, or the higher one non-finite rows are retried in."""
+
+    denoiser: Callable
+    vae: Callable | None
+    encoder: Callable
+    dtype: torch.dtype
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        # The sampler state stays float32 (float64 in a float64 retry); only the networks run in `dtype`.
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -69,10 +109,22 @@ class Engine:
     dtype: torch.dtype
     embeddings: torch.Tensor  # (N, D) bank on the device
     null: torch.Tensor  # (D,) on the device
+    sizes: BatchSizes
+    image_encoder: str  # "nvjpeg" | "simplejpeg" | "pillow"
+    batches: dict[str, AdaptiveBatch]  # working chunk size per stage, shrunk by out-of-memory errors
+    retry: Models | None = None  # built on the first non-finite row
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return self.pack.config.denoiser.sample_shape
+
+    @property
+    def models(self) -> Models:
+        return Models(self.pack.denoiser, self.pack.vae, self.pack.encoder, self.dtype)
+
+    @property
+    def oom_backoffs(self) -> int:
+        return sum(b.backoffs for b in self.batches.values())
 
 
 def load_engine(cfg: GenerateConfig) -> Engine:
@@ -87,10 +139,32 @@ def load_engine(cfg: GenerateConfig) -> Engine:
     check_bank_fits_pack(bank, pack.config, cfg.pack)
     planner = Planner(bank.labels, bank.class_names, cfg.plan_config)
     sampler = make_plan(cfg.sampler, pack.config.schedule, cfg.steps, device=device)
+    sizes = cfg.batch_sizes
     return Engine(
         cfg, pack, bank, planner, sampler, device, dtype,
-        bank.embeddings.to(device), pack.null_condition.to(device),
+        bank.embeddings.to(device), pack.null_condition.to(device), sizes,
+        resolve_image_encoder(cfg.image_encoder, cfg.format, device),
+        {stage: AdaptiveBatch(stage, sizes.of(stage)) for stage in STAGES},
     )
+
+
+def retry_models(engine: Engine) -> Models:
+    """Copies of the eager networks in the retry precision (scheduler.retry_dtype), made on first use:
+    a non-finite row is rare, and the copies cost memory."""
+    if engine.retry is None:
+        dtype = retry_dtype(engine.dtype)
+        with torch.inference_mode(False):  # plain parameters, not inference tensors
+            denoiser, vae, encoder = (_copy_in(m, dtype) for m in (engine.pack.denoiser, engine.pack.vae,
+                                                                    engine.pack.encoder))
+        engine.retry = Models(denoiser, vae, encoder, dtype)
+    return engine.retry
+
+
+def _copy_in(module, dtype: torch.dtype):
+    if module is None:
+        return None
+    eager = getattr(module, "eager", module)  # an engine-backed component keeps its eager module
+    return copy.deepcopy(eager).to(dtype).eval().requires_grad_(False)
 
 
 def run_identity(engine: Engine) -> dict:
@@ -100,54 +174,269 @@ def run_identity(engine: Engine) -> dict:
 # ---- One batch on the device ----------------------------------------------------------------------
 
 
+class Cancelled(Exception):
+    """The shard no longer needs this batch: the device thread stops at the next denoiser step."""
+
+
 @dataclass
 class BatchResult:
     """Host-side outputs of one batch; arrays have length B."""
 
     plan: SamplePlan
-    images: np.ndarray  # (B, H, W, 3) uint8
-    scores: np.ndarray  # (B,) float32 cos(enc(x_hat), c); nan for non-finite images
-    valid: np.ndarray  # (B,) bool, False when the image had NaN/Inf
+    images: np.ndarray | None  # (B, H, W, 3) uint8; None when they stay on the device for nvJPEG
+    scores: np.ndarray  # (B,) float32 cos(enc(x_hat), c); nan for non-finite rows
+    valid: np.ndarray  # (B,) bool, False when the image or its score was NaN/Inf (after the retry)
     cond: np.ndarray  # (B, D) float32 conditioning used
+    retried: np.ndarray  # (B,) bool, rows retried in higher precision (rescued when valid)
     pixels: torch.Tensor | None = None  # (B, 3, H, W) float in [0, 1] when asked for (tests)
+    device_images: torch.Tensor | None = None  # (B, H, W, 3) uint8 on the device, for nvJPEG
 
 
 @torch.inference_mode()
-def generate_batch(engine: Engine, sample_ids: np.ndarray, keep_pixels: bool = False) -> BatchResult:
+def generate_batch(engine: Engine, sample_ids: np.ndarray, keep_pixels: bool = False,
+                   cancel: threading.Event | None = None) -> BatchResult:
     plan = engine.planner.plan(sample_ids)
     seeds = torch.from_numpy(plan.seeds).to(engine.device)
     cond = conditions(engine.embeddings, plan, engine.cfg.lam, seeds)  # (B, D) float32
-    cond_in, null_in = cond.to(engine.dtype), engine.null.to(engine.dtype)
-    shape = engine.sample_shape
-    denoiser, cfg_scale, dtype = engine.pack.denoiser, engine.cfg.cfg, engine.dtype
+    pixels, valid, scores = _render(engine, engine.models, seeds, cond, cancel)
+    retried = torch.zeros_like(valid)
+    # The guard reads the valid mask on the host: one small sync per batch, right before the batch's
+    # single transfer anyway; the retry itself only runs when a row is bad.
+    bad = np.flatnonzero(~valid.cpu().numpy())
+    if len(bad):
+        rows = torch.from_numpy(bad).to(engine.device)
+        p2, v2, s2 = _render(engine, retry_models(engine), seeds[rows], cond[rows], cancel)
+        pixels = pixels.index_copy(0, rows, torch.where(v2.view(-1, 1, 1, 1), p2, pixels[rows]))
+        scores = scores.index_copy(0, rows, torch.where(v2, s2, scores[rows]))
+        valid, retried = valid.index_copy(0, rows, v2), retried.index_fill(0, rows, True)
+    as_uint8 = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, 3)
+    on_device = engine.image_encoder == "nvjpeg"
+    return BatchResult(
+        plan=plan,
+        images=None if on_device else as_uint8.cpu().numpy(),
+        scores=scores.cpu().numpy(),
+        valid=valid.cpu().numpy(),
+        cond=cond.cpu().numpy(),
+        retried=retried.cpu().numpy(),
+        pixels=pixels.cpu() if keep_pixels else None,
+        device_images=as_uint8.contiguous() if on_device else None,
+    )
+
+
+def _render(engine: Engine, models: Models, seeds: torch.Tensor, cond: torch.Tensor, cancel):
+    """seeds (n,) int64, cond (n, D) float32 -> pixels (n, 3, H, W) float32 in [0, 1], valid (n,) bool,
+    scores (n,) float32 (nan where not valid). Everything stays on the device."""
+    x0 = _denoise(engine, models, seeds, cond, cancel)
+    images = _decode(engine, models, x0)
+    valid = finite_rows(images)
+    pixels = ((images.nan_to_num(0.0) + 1) / 2).clamp(0, 1).float()
+    scores = _score(engine, models, pixels, cond)
+    valid = valid & torch.isfinite(scores)
+    return pixels, valid, torch.where(valid, scores, torch.full_like(scores, float("nan")))
+
+
+def _chunked(engine: Engine, stage: str, n: int, fn) -> torch.Tensor:
+    """fn(start, stop, padded) over [0, n) in the stage's bucketed chunks, concatenated."""
+    parts = run_chunked(fn, n, engine.batches[stage], engine.sizes.buckets)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _denoise(engine: Engine, models: Models, seeds: torch.Tensor, cond: torch.Tensor, cancel) -> torch.Tensor:
+    """-> x0 (n, *sample_shape) in models.state_dtype; padded rows repeat the last sample and are dropped."""
+
+    def chunk(start: int, stop: int, padded: int) -> torch.Tensor:
+        s, c = pad_rows(seeds[start:stop], padded), pad_rows(cond[start:stop], padded)
+        return _sample(engine, models, s, c, cancel)[: stop - start]
+
+    return _chunked(engine, "denoise", len(seeds), chunk)
+
+
+def _sample(engine: Engine, models: Models, seeds: torch.Tensor, cond: torch.Tensor, cancel) -> torch.Tensor:
+    cond_in, null_in = cond.to(models.dtype), engine.null.to(models.dtype)
+    shape, state, cfg_scale = engine.sample_shape, models.state_dtype, engine.cfg.cfg
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # The sampler state stays float32; only the network runs in the pack dtype.
-        out_cond, out_uncond = cond_uncond(denoiser, x.to(dtype), t, cond_in, null_in, cfg_scale)
-        return out_cond.float(), None if out_uncond is None else out_uncond.float()
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        out_cond, out_uncond = cond_uncond(models.denoiser, x.to(models.dtype), t, cond_in, null_in, cfg_scale)
+        return out_cond.to(state), None if out_uncond is None else out_uncond.to(state)
 
     def step(plan, k, x, outputs, prev_x0, noise):
         # Guidance and the sampler update as one elementwise pass (a Triton kernel on CUDA).
         return guided_step(plan, k, x, outputs[0], outputs[1], cfg_scale, prev_x0, noise)
 
     def noise_fn(k: int) -> torch.Tensor:
-        return gaussian(seeds, STREAM_STEP0 + k, shape)
+        return gaussian(seeds, STREAM_STEP0 + k, shape, dtype=state)
 
-    x0 = sample(engine.sampler, model_fn, gaussian(seeds, STREAM_INIT, shape), noise_fn, step=step)
-    images = engine.pack.vae(x0.to(dtype)).float() if engine.pack.vae is not None else x0
-    valid = torch.isfinite(images).flatten(1).all(dim=1)
-    pixels = ((images.nan_to_num(0.0) + 1) / 2).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
-    scores = cosine_scores(engine.pack.encoder(pixels.to(dtype)), cond)
-    scores = torch.where(valid, scores, torch.full_like(scores, float("nan")))
-    as_uint8 = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    return BatchResult(
-        plan=plan,
-        images=as_uint8.cpu().numpy(),
-        scores=scores.cpu().numpy(),
-        valid=valid.cpu().numpy(),
-        cond=cond.cpu().numpy(),
-        pixels=pixels.cpu() if keep_pixels else None,
-    )
+    return sample(engine.sampler, model_fn, gaussian(seeds, STREAM_INIT, shape, dtype=state), noise_fn, step=step)
+
+
+def _decode(engine: Engine, models: Models, x0: torch.Tensor) -> torch.Tensor:
+    """x0 (n, *sample_shape) -> images (n, 3, H, W) in [-1, 1] (NaN/Inf possible), in x0's dtype."""
+    if models.vae is None:
+        return x0
+
+    def chunk(start: int, stop: int, padded: int) -> torch.Tensor:
+        return models.vae(pad_rows(x0[start:stop], padded).to(models.dtype))[: stop - start].to(x0.dtype)
+
+    return _chunked(engine, "decode", len(x0), chunk)
+
+
+def _score(engine: Engine, models: Models, pixels: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """pixels (n, 3, H, W) in [0, 1], cond (n, D) -> (n,) float32 cos(enc(x_hat), c), by the dispatcher's
+    fused filter (the Triton kernel on CUDA). Decisions are taken later, per group of candidate ids."""
+
+    def chunk(start: int, stop: int, padded: int) -> torch.Tensor:
+        emb = models.encoder(pad_rows(pixels[start:stop], padded).to(models.dtype))
+        scores, _mask, _indices, _count = cosine_filter(emb, pad_rows(cond[start:stop], padded))
+        return scores[: stop - start]
+
+    return _chunked(engine, "filter", len(pixels), chunk)
+
+
+# ---- The device stage of one shard, in its own thread ----------------------------------------------
+
+
+@dataclass
+class _Failed:
+    exc: BaseException
+
+
+class CandidateStream:
+    """A shard's candidates in id order, computed by a background device thread in batches of
+    `engine.sizes.unit` rows, at most QUEUE_DEPTH batches ahead of the consumer.
+
+    The consumer raises the limit with `want(upto)` as it learns how many candidates it needs; the thread
+    never computes ids at or past it, nor past the shard's budget. `close()` stops the thread at the next
+    denoiser step and joins it. Batch boundaries never change a sample's image, so running ahead in
+    other chunks than a serial loop would have used changes nothing in the shard.
+    """
+
+    def __init__(self, engine: Engine, first_id: int, budget: int) -> None:
+        self.engine, self.first_id, self.budget = engine, first_id, budget
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.cancel = threading.Event()
+        self._limit = 0
+        self._changed = threading.Condition()
+        # copy_context: the thread sees the caller's context variables (e.g. kernels.triton_kernels()).
+        run = contextvars.copy_context().run
+        self.thread = threading.Thread(target=run, args=(self._produce,), name="synthgen-device", daemon=True)
+        self.thread.start()
+
+    def want(self, upto: int) -> None:
+        """Allow candidates [0, upto) of the shard to be computed."""
+        with self._changed:
+            if upto > self._limit:
+                self._limit = min(upto, self.budget)
+                self._changed.notify_all()
+
+    def next(self) -> BatchResult:
+        """The next batch in id order; re-raises the device thread's error. Wakes up regularly so a signal
+        handler in the main thread runs promptly."""
+        while True:
+            try:
+                item = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                if not self.thread.is_alive() and self.queue.empty():
+                    raise RuntimeError("the device thread stopped without a result") from None
+                continue
+            if isinstance(item, _Failed):
+                raise item.exc
+            return item
+
+    def close(self) -> None:
+        self.cancel.set()
+        with self._changed:
+            self._changed.notify_all()
+        self.thread.join()
+
+    def _produce(self) -> None:
+        done = 0
+        try:
+            while True:
+                with self._changed:
+                    while done >= self._limit and not self.cancel.is_set():
+                        self._changed.wait()
+                    if self.cancel.is_set():
+                        return
+                    stop = min(self._limit, done + self.engine.sizes.unit)
+                ids = self.first_id + np.arange(done, stop, dtype=np.int64)
+                self._put(generate_batch(self.engine, ids, cancel=self.cancel))
+                done = stop
+        except Cancelled:
+            return
+        except BaseException as exc:  # handed to the consumer, which raises it in the calling thread
+            self._put(_Failed(exc))
+
+    def _put(self, item) -> None:
+        while not self.cancel.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+
+# ---- Encoding and writing, in decision order -------------------------------------------------------
+
+
+@dataclass
+class _Chosen:
+    """A kept candidate with its final key, waiting for its encoded image."""
+
+    key: str
+    batch: BatchResult
+    row: int
+
+
+def encode_rows(items: list[_Chosen], fmt: str, quality: int, encoder: str) -> list[bytes]:
+    """Encode the images of `items`, in order (runs in an encoder-pool thread)."""
+    if encoder != "nvjpeg":
+        return [encode_image(c.batch.images[c.row], fmt, quality, encoder) for c in items]
+    out, i = [], 0
+    while i < len(items):  # one batched nvJPEG call per run of rows from the same device batch
+        j = i
+        while j < len(items) and items[j].batch is items[i].batch:
+            j += 1
+        rows = torch.tensor([c.row for c in items[i:j]], device=items[i].batch.device_images.device)
+        out += encode_jpeg_cuda(items[i].batch.device_images[rows], quality)
+        i = j
+    return out
+
+
+class OrderedWriter:
+    """Submits kept samples to the encoder pool and adds them to the shard in decision order.
+
+    At most ENCODE_DEPTH decided groups are in the pool while older ones are written, so memory stays
+    bounded and the tar's byte order is the decision order whatever the pool's timing. An encoder error
+    is raised here, in the calling thread, and fails the shard (its temporary file is removed).
+    """
+
+    def __init__(self, engine: Engine, writer: ShardWriter, pool: ThreadPoolExecutor, workers: int) -> None:
+        self.engine, self.writer, self.pool, self.workers = engine, writer, pool, workers
+        self.inflight: deque[tuple[list[_Chosen], list[Future]]] = deque()
+
+    def submit(self, items: list[_Chosen]) -> None:
+        cfg = self.engine.cfg
+        step = max(1, -(-len(items) // self.workers))  # a few slices per group: one future per image costs more than a small JPEG
+        futures = [self.pool.submit(encode_rows, items[i : i + step], cfg.format, cfg.quality, self.engine.image_encoder)
+                   for i in range(0, len(items), step)]
+        self.inflight.append((items, futures))
+        while len(self.inflight) > ENCODE_DEPTH:
+            self._write_oldest()
+
+    def drain(self) -> None:
+        while self.inflight:
+            self._write_oldest()
+
+    def _write_oldest(self) -> None:
+        items, futures = self.inflight.popleft()
+        blobs = [blob for f in futures for blob in f.result()]
+        cfg = self.engine.cfg
+        for c, blob in zip(items, blobs):
+            label = int(c.batch.plan.labels[c.row])
+            cond = c.batch.cond[c.row].astype(np.float16) if cfg.save_cond else None
+            self.writer.add(SampleRecord(c.key, blob, cfg.format, label, _meta(self.engine, c.batch, c.row, c.key), cond))
 
 
 # ---- One shard -------------------------------------------------------------------------------------
@@ -155,18 +444,16 @@ def generate_batch(engine: Engine, sample_ids: np.ndarray, keep_pixels: bool = F
 
 @dataclass
 class _Candidates:
-    """Generated candidates waiting for their group's decision, in id order."""
+    """Generated candidates waiting for their group's decision, in id order. A batch is released once all
+    of its rows are taken, so only undecided rows hold memory."""
 
-    batches: list[BatchResult] = field(default_factory=list)
-    rows: list[tuple[int, int]] = field(default_factory=list)  # (batch index, row)
+    rows: deque = field(default_factory=deque)  # (BatchResult, row)
 
     def add(self, batch: BatchResult) -> None:
-        self.batches.append(batch)
-        self.rows.extend((len(self.batches) - 1, r) for r in range(len(batch.scores)))
+        self.rows.extend((batch, r) for r in range(len(batch.scores)))
 
     def take(self, n: int) -> list[tuple[BatchResult, int]]:
-        taken, self.rows = self.rows[:n], self.rows[n:]
-        return [(self.batches[b], r) for b, r in taken]
+        return [self.rows.popleft() for _ in range(min(n, len(self.rows)))]
 
 
 def _meta(engine: Engine, batch: BatchResult, row: int, key: str) -> dict:
@@ -184,27 +471,38 @@ def _meta(engine: Engine, batch: BatchResult, row: int, key: str) -> dict:
     }
 
 
+STAT_KEYS = ("count", "candidates", "rejected", "nonfinite", "retried", "surplus", "unused")
+
+
 def generate_shard(engine: Engine, shard: int, encoders: ThreadPoolExecutor | None = None, on_images=None) -> dict:
     """Generate, filter and commit shard `shard`; returns its stats (also written as the done marker).
 
     Candidates come from the shard's own id range [shard * budget, (shard + 1) * budget) in order;
-    decisions are made per fixed group of ids, so the shard's content does not depend on batch size.
+    decisions are made per fixed group of ids, so the shard's content does not depend on batch size,
+    look-ahead or encoder timing. `encoders`: a thread pool to encode on (one is made when None).
     """
     cfg, fcfg = engine.cfg, engine.cfg.filter_config
     run_dir, target, budget = cfg.out, cfg.shard_target(shard), cfg.candidate_budget
-    base, group = shard * budget, fcfg.decision_group
+    group = fcfg.decision_group
     stats_path(run_dir, shard).unlink(missing_ok=True)  # regenerating: the old marker no longer holds
     counts, per_class = Counter(), Counter()
-    pending, drawn, start = _Candidates(), 0, time.perf_counter()
+    pending, received, start, backoffs = _Candidates(), 0, time.perf_counter(), engine.oom_backoffs
     grouped = fcfg.keep_top is not None  # keep-top ranks a whole group; other rules judge one at a time
-    with ShardWriter(run_dir, shard) as writer:
-        while counts["count"] < target and (drawn < budget or pending.rows):
+    workers = encode_workers(cfg)
+    with ExitStack() as stack:  # on any error, in reverse: stop the device, drop the tmp file, stop the pool
+        pool = encoders or stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="encode"))
+        writer = stack.enter_context(ShardWriter(run_dir, shard))
+        stream = CandidateStream(engine, shard * budget, budget)
+        stack.callback(stream.close)
+        out = OrderedWriter(engine, writer, pool, workers)
+        while counts["count"] < target and (received < budget or pending.rows):
             ready = len(pending.rows) >= group if grouped else bool(pending.rows)
-            if drawn < budget and not ready:
-                need = budget - drawn if fcfg.active else target - counts["count"]
-                ids = base + drawn + np.arange(min(cfg.batch, need, budget - drawn), dtype=np.int64)
-                pending.add(generate_batch(engine, ids))
-                drawn += len(ids)
+            if received < budget and not ready:
+                need = budget - received if fcfg.active else target - counts["count"]
+                stream.want(received + need)
+                batch = stream.next()
+                pending.add(batch)
+                received += len(batch.scores)
                 continue
             # A full group, every pending candidate (independent rules), or the tail of the budget.
             decided = pending.take(group if grouped else len(pending.rows))
@@ -217,20 +515,27 @@ def generate_shard(engine: Engine, shard: int, encoders: ThreadPoolExecutor | No
                 decided, keep = decided[:cut], keep[:cut]
             counts["candidates"] += len(decided)
             counts["nonfinite"] += sum(not b.valid[r] for b, r in decided)
+            counts["retried"] += sum(bool(b.retried[r]) for b, r in decided)
             counts["rejected"] += int((~keep).sum())
             chosen = [d for d, k in zip(decided, keep) if k]
             counts["surplus"] += max(0, len(chosen) - room)
-            _write(engine, writer, shard, chosen[:room], counts, per_class, encoders)
+            items = [_Chosen(sample_key(shard, counts["count"] + i), b, r) for i, (b, r) in enumerate(chosen[:room])]
+            out.submit(items)
+            counts["count"] += len(items)
+            per_class.update(int(c.batch.plan.labels[c.row]) for c in items)
             if on_images is not None:
-                on_images(min(len(chosen), room), len(decided))
+                on_images(len(items), len(decided))
         counts["unused"] += len(pending.rows)
+        stream.close()  # look-ahead past the shard's last decision is not needed: free the device now
+        out.drain()
         info = writer.commit()
     stats = {
-        "shard": shard, "target": target, **{k: int(counts[k]) for k in
-                                              ("count", "candidates", "rejected", "nonfinite", "surplus", "unused")},
-        "exhausted": counts["count"] < target, "first_candidate_id": base,
+        "shard": shard, "target": target, **{k: int(counts[k]) for k in STAT_KEYS},
+        "exhausted": counts["count"] < target, "first_candidate_id": shard * budget,
         "per_class": {str(k): v for k, v in sorted(per_class.items())},
         "sha256": info["sha256"], "bytes": info["bytes"], "seconds": round(time.perf_counter() - start, 3),
+        "image_encoder": engine.image_encoder, "oom_backoffs": engine.oom_backoffs - backoffs,
+        "batch_sizes": {stage: b.size for stage, b in engine.batches.items()},
     }
     write_stats(run_dir, shard, stats)
     return stats
@@ -244,19 +549,6 @@ def _decide(decided: list[tuple[BatchResult, int]], fcfg) -> np.ndarray:
     scores = np.array([b.scores[r] for b, r in decided], dtype=np.float32)
     labels = np.array([b.plan.labels[r] for b, r in decided], dtype=np.int64)
     return accept_group(np.nan_to_num(scores, nan=-2.0), labels, valid, fcfg)
-
-
-def _write(engine, writer, shard, chosen, counts, per_class, encoders) -> None:
-    cfg = engine.cfg
-    encode = lambda item: encode_image(item[0].images[item[1]], cfg.format, cfg.quality)  # noqa: E731
-    blobs = list(encoders.map(encode, chosen)) if encoders is not None else [encode(c) for c in chosen]
-    for (batch, row), blob in zip(chosen, blobs):
-        key = sample_key(shard, counts["count"])
-        label = int(batch.plan.labels[row])
-        cond = batch.cond[row].astype(np.float16) if cfg.save_cond else None
-        writer.add(SampleRecord(key, blob, cfg.format, label, _meta(engine, batch, row, key), cond))
-        counts["count"] += 1
-        per_class[label] += 1
 
 
 # ---- A run ------------------------------------------------------------------------------------------
@@ -275,6 +567,8 @@ class RunSummary:
     seconds: float
     removed_tmp: list[Path]
     complete: bool
+    retried: int = 0
+    oom_backoffs: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -289,6 +583,9 @@ class RunSummary:
             f"candidates      {self.candidates} (accepted {acc:.1%}, rejected {self.rejected}, "
             f"non-finite {self.nonfinite})",
         ]
+        if self.retried or self.oom_backoffs:
+            out.append(f"recovered       {self.retried} non-finite candidate(s) retried in higher precision; "
+                       f"{self.oom_backoffs} out-of-memory batch reduction(s)")
         if self.removed_tmp:
             out.append(f"cleaned         {len(self.removed_tmp)} stray temporary file(s) from an interrupted run")
         if self.exhausted:
@@ -388,7 +685,7 @@ def run_shards(engine: Engine, shards: list[int], on_images=None):
     when this returns every shard of the list is committed, by this process or another.
     """
     held = []
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode") as encoders:
+    with ThreadPoolExecutor(encode_workers(engine.cfg), thread_name_prefix="encode") as encoders:
         for shard in shards:
             stats = run_claimed_shard(engine, shard, encoders, on_images)
             if stats is not None:
@@ -455,6 +752,8 @@ def run_generate(cfg: GenerateConfig) -> RunSummary:
         rejected=sum(r["rejected"] for r in results),
         nonfinite=sum(r["nonfinite"] for r in results),
         exhausted=[r["shard"] for r in results if r["exhausted"]],
+        retried=sum(r.get("retried", 0) for r in results),
+        oom_backoffs=sum(r.get("oom_backoffs", 0) for r in results),
         seconds=time.perf_counter() - t0,
         removed_tmp=removed,
         complete=doc["complete"],
