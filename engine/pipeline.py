@@ -417,9 +417,10 @@ class OrderedWriter:
         self.inflight: deque[tuple[list[_Chosen], list[Future]]] = deque()
 
     def submit(self, items: list[_Chosen]) -> None:
-        cfg = self.engine.cfg
-        step = max(1, -(-len(items) // self.workers))  # a few slices per group: one future per image costs more than a small JPEG
-        futures = [self.pool.submit(encode_rows, items[i : i + step], cfg.format, cfg.quality, self.engine.image_encoder)
+        cfg, encoder = self.engine.cfg, self.engine.image_encoder
+        # One slice per worker: a future per image would cost more than encoding a small JPEG.
+        step = max(1, -(-len(items) // self.workers))
+        futures = [self.pool.submit(encode_rows, items[i : i + step], cfg.format, cfg.quality, encoder)
                    for i in range(0, len(items), step)]
         self.inflight.append((items, futures))
         while len(self.inflight) > ENCODE_DEPTH:
@@ -436,7 +437,8 @@ class OrderedWriter:
         for c, blob in zip(items, blobs):
             label = int(c.batch.plan.labels[c.row])
             cond = c.batch.cond[c.row].astype(np.float16) if cfg.save_cond else None
-            self.writer.add(SampleRecord(c.key, blob, cfg.format, label, _meta(self.engine, c.batch, c.row, c.key), cond))
+            meta = _meta(self.engine, c.batch, c.row, c.key)
+            self.writer.add(SampleRecord(c.key, blob, cfg.format, label, meta, cond))
 
 
 # ---- One shard -------------------------------------------------------------------------------------

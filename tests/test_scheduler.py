@@ -70,6 +70,19 @@ def test_parse_buckets():
     assert cfg.batch_sizes.buckets == (4, 16) and cfg.batch_sizes.unit == 16 and cfg.batch_sizes.filter == 16
 
 
+def test_generate_cli_forwards_the_scheduler_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from synthgen.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "--n", "4", "--out", str(tmp_path / "r"), "--pack", "unused",
+                                      "--batch-buckets", "8,x"])
+    assert isinstance(result.exception, UsageError) and "--batch-buckets '8,x'" in str(result.exception)
+    result = CliRunner().invoke(app, ["generate", "--n", "4", "--out", str(tmp_path / "r"), "--pack", "unused",
+                                      "--image-encoder", "gif"])
+    assert isinstance(result.exception, UsageError) and "--image-encoder" in str(result.exception)
+
+
 def test_execution_fields_do_not_change_the_identity():
     base = GenerateConfig(n=10, out="unused", pack="unused")
     other = GenerateConfig(n=10, out="unused", pack="unused", batch_buckets="2,8", decode_batch=2, filter_batch=3,
