@@ -76,9 +76,9 @@ def test_zero_init_outputs_zero_and_conditioning_matters() -> None:
 
 def test_reinit_zero_params_leaves_nonzero_params_alone() -> None:
     model = DiT(DIT_PRESETS["tiny"])
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.named_parameters()}
     reinit_zero_params_(model, std=0.5, generator=torch.Generator().manual_seed(0))
-    for k, v in model.state_dict().items():
+    for k, v in model.named_parameters():
         if before[k].any():
             assert torch.equal(v, before[k]), k
         else:
@@ -88,6 +88,7 @@ def test_reinit_zero_params_leaves_nonzero_params_alone() -> None:
     zero_keys = [k for k, v in before.items() if not v.any()]
     for k in zero_keys:
         assert torch.equal(again.state_dict()[k], model.state_dict()[k]), k
+    assert torch.equal(model.cond_embedder.shift, torch.zeros_like(model.cond_embedder.shift))  # buffers untouched
 
 
 def test_batch_independence(tiny: DiT) -> None:
@@ -178,3 +179,25 @@ def test_config_round_trip_and_presets() -> None:
 def test_bad_config_raises_naming_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         DiTConfig(**kwargs)
+
+
+def test_condition_standardization_and_loading_older_weights(tiny: DiT) -> None:
+    cfg = tiny.config
+    bank = torch.randn(64, cfg.cond_dim) * 0.2 + 3.0  # an offset larger than the spread, like real features
+    model = _random_model("tiny")
+    model.cond_embedder.set_standardization(bank)
+    standardized = (bank - model.cond_embedder.shift) / model.cond_embedder.scale
+    assert standardized.mean(0).abs().max() < 1e-5 and (standardized.std(0) - 1).abs().max() < 1e-5
+    x, t, _ = _inputs(cfg, 4, seed=3)
+    with torch.no_grad():
+        # The same weights with identity statistics see the standardized condition as given.
+        plain = _random_model("tiny")
+        assert torch.allclose(model(x, t, bank[:4]), plain(x, t, standardized[:4]), atol=1e-5)
+
+    # Weights from before standardization existed have no shift/scale: they load as the identity.
+    old = {k: v for k, v in tiny.state_dict().items() if not k.startswith("cond_embedder.s")}
+    loaded = dit_from_state_dict(cfg, old)
+    assert torch.equal(loaded.cond_embedder.shift, torch.zeros(cfg.cond_dim))
+    assert torch.equal(loaded.cond_embedder.scale, torch.ones(cfg.cond_dim))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, bank[:4]), tiny(x, t, bank[:4]))

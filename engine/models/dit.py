@@ -185,14 +185,36 @@ class CondEmbedder(nn.Module):
 
     An MLP rather than a single projection so the model can reshape the (often anisotropic) feature space
     of a frozen encoder before it drives every block's modulation.
+
+    `shift` / `scale` standardise the representation first, (cond - shift) / scale per dimension, with the
+    training bank's statistics (`set_standardization`). Encoder features are far from zero-mean: in the
+    digits pack the common offset is larger than the variation between images, so an unstandardised
+    condition barely moves the modulation and the denoiser learns to ignore it.
     """
 
     def __init__(self, cond_dim: int, hidden_size: int):
         super().__init__()
         self.mlp = _mlp2(cond_dim, hidden_size, hidden_size)
+        self.register_buffer("shift", torch.zeros(cond_dim))
+        self.register_buffer("scale", torch.ones(cond_dim))
+
+    @torch.no_grad()
+    def set_standardization(self, conditions: Tensor, eps: float = 1e-6) -> None:
+        """Take shift/scale from a (N, cond_dim) set of conditions (the training bank)."""
+        self.shift.copy_(conditions.mean(0))
+        self.scale.copy_(conditions.std(0).clamp_min(eps))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Weights saved before standardisation existed carry no shift/scale: load them as the identity.
+        weight = state_dict.get(prefix + "mlp.0.weight")
+        if weight is not None:
+            for name, fill in (("shift", 0.0), ("scale", 1.0)):
+                state_dict.setdefault(prefix + name, torch.full(weight.shape[1:], fill, dtype=weight.dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, cond: Tensor) -> Tensor:
-        return self.mlp(cond.to(self.mlp[0].weight.dtype))  # (B, D)
+        dtype = self.mlp[0].weight.dtype
+        return self.mlp(((cond.to(self.shift.dtype) - self.shift) / self.scale).to(dtype))  # (B, D)
 
 
 # ------------------------------------------------------------------------------------------------------

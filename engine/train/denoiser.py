@@ -42,6 +42,7 @@ class DenoiserTrainConfig:
     ema: float = 0.999
     seed: int = 0
     checkpoint_every: int = 1000
+    standardize: bool = True  # rep mode: standardise conditions with the bank's per-dimension mean/std
 
     def __post_init__(self):
         if self.cond not in CONDS:
@@ -130,6 +131,8 @@ def train_denoiser(
     image_size = data.images.shape[-1]
     num_classes = len(data.class_names) if config.cond == "class" else None
     model = ConditionedTrainer(DiT(config.dit_config(image_size, cond_dim)), cond_dim, num_classes)
+    if config.cond == "rep" and config.standardize:
+        model.dit.cond_embedder.set_standardization(conditions.float())
     ema = ConditionedTrainer(DiT(config.dit_config(image_size, cond_dim)), cond_dim, num_classes)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
