@@ -136,7 +136,8 @@ def embed(
 @app.command()
 def generate(
     n: str = typer.Option(..., "--n", help="Images to generate: 1000, 10k, 1M, 1e6."),
-    out: Path = typer.Option(..., help="Run folder (shards, stats files, dataset.json)."),
+    out: str = typer.Option(..., help="Run folder (shards, stats files, dataset.json): a local path or an fsspec "
+                            "URL such as s3://bucket/prefix (pip install s3fs), gs://... (gcsfs), file://..."),
     pack: Optional[Path] = typer.Option(None, help="Model pack folder (default: the trained digits pack shipped "
                                         "inside synthgen)."),
     bank: Optional[Path] = typer.Option(None, help="Embedding bank (default: PACK/bank)."),
@@ -180,6 +181,8 @@ def generate(
     address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. auto (default: start a local Ray)."),
     gpus_per_worker: Optional[float] = typer.Option(None, min=0.0, help="GPUs per Ray actor (default: 1 when the "
                                                     "cluster has GPUs, else 0)."),
+    staging: Optional[Path] = typer.Option(None, help="URL --out only: local folder each shard is written in before "
+                                           "upload (default: a temporary folder)."),
 ):
     """Generate --n labelled synthetic images into WebDataset shards; resumes by default.
 
@@ -188,6 +191,10 @@ def generate(
     claimed (NNNNNN.lock) before it is written, so several processes on one folder split the work:
     --executor ray runs the shards on Ray actors; --shards A:B restricts a job to a range (SLURM arrays).
     Ctrl-C / SIGTERM abandons the open shard and exits 130 / 143; the same command resumes.
+
+    A URL --out (s3://, gs://, file://...) has no locks: each shard is written locally, its tar uploaded,
+    then its stats file uploaded last. Run one process per disjoint --shards A:B range (never two writers
+    of one shard; --executor ray is refused there), then rerun once without --shards to aggregate.
 
     Examples:
 
@@ -198,6 +205,8 @@ def generate(
       synthgen generate --n 1M --pack P --bank B --out /shared/big --executor ray --address auto --gpus-per-worker 1
 
       synthgen generate --n 1M ... --out /shared/big --shard-size 1000 --shards $((ID*100)):$((ID*100+100))
+
+      synthgen generate --n 1M ... --out s3://bucket/big --shards $((ID*100)):$((ID*100+100)) --staging /scratch
     """
     from synthgen.pipeline import Interrupted, run_generate
 
@@ -208,7 +217,7 @@ def generate(
         save_cond=save_cond, dtype=dtype, batch=batch, device=device, shards=shards, overwrite=overwrite,
         progress=progress, engine=engine, backend=backend, executor=executor, workers=workers, address=address,
         gpus_per_worker=gpus_per_worker, batch_buckets=batch_buckets, decode_batch=decode_batch,
-        filter_batch=filter_batch, encode_workers=encode_workers, image_encoder=image_encoder,
+        filter_batch=filter_batch, encode_workers=encode_workers, image_encoder=image_encoder, staging=staging,
     )
     try:
         summary = run_generate(config)
@@ -218,7 +227,7 @@ def generate(
     _say(summary.lines())
 
 
-def _say_interrupted(exc, out: Path) -> None:
+def _say_interrupted(exc, out: str) -> None:
     import shlex
 
     command = " ".join(["synthgen", *map(shlex.quote, sys.argv[1:])])
@@ -234,7 +243,7 @@ def _say_interrupted(exc, out: Path) -> None:
 
 @app.command()
 def verify(
-    run: Path = typer.Argument(..., help="Run folder written by 'synthgen generate'."),
+    run: str = typer.Argument(..., help="Run folder written by 'synthgen generate' (a path or a URL)."),
     no_decode: bool = typer.Option(False, "--no-decode", help="Skip decoding every image (faster)."),
 ):
     """Re-read every shard with the webdataset library and check it against dataset.json.
@@ -255,7 +264,7 @@ def verify(
 
 @app.command()
 def preview(
-    run: Path = typer.Argument(..., help="Run folder."),
+    run: str = typer.Argument(..., help="Run folder (a path or a URL such as s3://bucket/prefix)."),
     out: Path = typer.Option(Path("preview.png"), help="PNG to write."),
     per_class: int = typer.Option(8, min=1, help="Images per class row."),
 ):

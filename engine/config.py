@@ -18,6 +18,7 @@ from synthgen.plan import PlanConfig
 from synthgen.samplers import SAMPLERS
 from synthgen.scheduler import BatchSizes, default_buckets
 from synthgen.shards import IMAGE_ENCODERS  # JPEG only; WebP and PNG always use Pillow
+from synthgen.storage import is_remote, normalize_out
 
 FORMATS = ("jpg", "webp", "png")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -31,7 +32,7 @@ BACKENDS = ("eager", "compile", "ort", "trt", "auto")
 EXECUTION_FIELDS = (
     "out", "pack", "bank", "batch", "device", "shards", "overwrite", "progress", "engine", "backend",
     "executor", "workers", "address", "gpus_per_worker", "batch_buckets", "decode_batch", "filter_batch",
-    "encode_workers", "image_encoder",
+    "encode_workers", "image_encoder", "staging",
 )
 EXECUTORS = ("local", "ray")
 
@@ -87,7 +88,7 @@ def parse_shard_range(text: str | None) -> tuple[int, int] | None:
 @dataclass(frozen=True)
 class GenerateConfig:
     n: int
-    out: Path
+    out: Path | str  # a local folder (Path), or an fsspec URL string such as s3://bucket/prefix (storage.py)
     pack: Path | None = None  # default: the trained digits pack inside the package
     bank: Path | None = None  # default: the pack's own bank folder PACK/bank when it has one
     sampler: str = "dpmpp_2m"
@@ -122,10 +123,11 @@ class GenerateConfig:
     workers: int | None = None  # processes (local) or actors (ray); None: 1 local, one per GPU/CPU on Ray
     address: str | None = None  # Ray cluster address ("auto": the running one); None starts a local Ray
     gpus_per_worker: float | None = None  # Ray: GPUs per actor; None: 1 when the cluster has GPUs, else 0
+    staging: Path | None = None  # URL --out: local folder shards are written in before upload; None: a temp dir
 
     def __post_init__(self):
         object.__setattr__(self, "n", parse_count(self.n))
-        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "out", normalize_out(self.out))
         object.__setattr__(self, "pack", resolve_pack(self.pack))
         if self.bank is not None:
             object.__setattr__(self, "bank", Path(self.bank))
@@ -145,6 +147,13 @@ class GenerateConfig:
             raise UsageError(f"--gpus-per-worker must be a number >= 0, got {self.gpus_per_worker}")
         if self.executor == "local" and (self.address is not None or self.gpus_per_worker is not None):
             raise UsageError("--address and --gpus-per-worker are Ray options: add --executor ray")
+        if self.staging is not None:
+            object.__setattr__(self, "staging", Path(self.staging))
+        if is_remote(self.out) and self.executor == "ray":
+            raise UsageError(
+                f"--executor ray with a URL --out ({self.out}) is not supported yet; run one 'synthgen "
+                "generate --shards A:B' per machine on disjoint ranges instead (see README, remote run folders)"
+            )
         if self.engine is not None:
             object.__setattr__(self, "engine", Path(self.engine))
             if self.backend != "eager":
@@ -198,7 +207,7 @@ class GenerateConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("out", "pack", "bank", "engine"):
+        for k in ("out", "pack", "bank", "engine", "staging"):
             d[k] = None if d[k] is None else str(d[k])
         d["shards"] = list(self.shards) if self.shards else None
         d["batch_buckets"] = list(self.batch_buckets) if self.batch_buckets else None

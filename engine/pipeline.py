@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from synthgen import storage
 from synthgen.bank import Bank, check_bank_fits_pack, load_bank
 from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
@@ -476,15 +477,27 @@ def _meta(engine: Engine, batch: BatchResult, row: int, key: str) -> dict:
 STAT_KEYS = ("count", "candidates", "rejected", "nonfinite", "retried", "surplus", "unused")
 
 
-def generate_shard(engine: Engine, shard: int, encoders: ThreadPoolExecutor | None = None, on_images=None) -> dict:
+def generate_shard(engine: Engine, shard: int, encoders: ThreadPoolExecutor | None = None,
+                   on_images=None) -> dict | None:
     """Generate, filter and commit shard `shard`; returns its stats (also written as the done marker).
 
     Candidates come from the shard's own id range [shard * budget, (shard + 1) * budget) in order;
     decisions are made per fixed group of ids, so the shard's content does not depend on batch size,
     look-ahead or encoder timing. `encoders`: a thread pool to encode on (one is made when None).
+    A URL run folder: the shard is written to a local staging folder, then uploaded tar first, stats
+    last (storage.py); None when another writer committed it meanwhile (nothing is uploaded then).
     """
+    out = engine.cfg.out
+    with storage.shard_staging(out, engine.cfg.staging) as run_dir:
+        stats = _write_shard(engine, shard, run_dir, encoders, on_images)
+        if storage.is_remote(out) and not storage.publish_shard(out, run_dir, shard):
+            return None
+    return stats
+
+
+def _write_shard(engine: Engine, shard: int, run_dir: Path, encoders, on_images) -> dict:
     cfg, fcfg = engine.cfg, engine.cfg.filter_config
-    run_dir, target, budget = cfg.out, cfg.shard_target(shard), cfg.candidate_budget
+    target, budget = cfg.shard_target(shard), cfg.candidate_budget
     group = fcfg.decision_group
     stats_path(run_dir, shard).unlink(missing_ok=True)  # regenerating: the old marker no longer holds
     counts, per_class = Counter(), Counter()
@@ -667,6 +680,9 @@ def run_claimed_shard(engine: Engine, shard: int, encoders=None, on_images=None,
     """
     from synthgen.runfolder import claim_shard
 
+    if storage.is_remote(engine.cfg.out):
+        # No claims on a URL: jobs own disjoint --shards ranges; publish_shard re-checks before uploading.
+        return None if is_committed(engine.cfg.out, shard) else generate_shard(engine, shard, encoders, on_images)
     claim = claim_shard(engine.cfg.out, shard, block=block)
     if claim is None:
         return None
@@ -676,7 +692,9 @@ def run_claimed_shard(engine: Engine, shard: int, encoders=None, on_images=None,
         return generate_shard(engine, shard, encoders, on_images)
 
 
-def is_committed(run_dir: Path, shard: int) -> bool:
+def is_committed(run_dir: Path | str, shard: int) -> bool:
+    if storage.is_remote(run_dir):
+        return storage.is_committed(run_dir, shard)
     return stats_path(run_dir, shard).is_file() and shard_path(run_dir, shard).is_file()
 
 

@@ -7,6 +7,7 @@ Reads the committed shards in order with `webdataset` and stops as soon as every
 Layout: a label column `cell` px wide with the class name, then `per_class` cells; each row is
 `cell + CAPTION_HEIGHT` px tall. The image is `cell * (per_class + 1)` x `rows * (cell + CAPTION_HEIGHT)`,
 where rows = classes with at least one image, at most `max_classes`, lowest labels first.
+A URL run folder (s3://, memory://...) is read through fsspec, one downloaded shard at a time.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
+from synthgen import storage
 from synthgen.errors import UsageError
-from synthgen.shards import IMAGE_EXTS, completed_shards, shard_path
+from synthgen.shards import IMAGE_EXTS, shard_path
 
 CAPTION_HEIGHT = 14  # one line of PIL's default bitmap font plus a little air
 _BACKGROUND = (255, 255, 255)
@@ -28,17 +30,18 @@ _INK = (0, 0, 0)
 _READ_ERRORS = (tarfile.TarError, OSError, ValueError, EOFError)
 
 
-def make_preview(run_dir: Path, out: Path, per_class: int = 8, max_classes: int = 20, cell: int = 96) -> Path:
+def make_preview(run_dir: Path | str, out: Path, per_class: int = 8, max_classes: int = 20, cell: int = 96) -> Path:
     """Draw up to `per_class` images for each of up to `max_classes` classes into a PNG at `out`."""
     for name, value in (("per_class", per_class), ("max_classes", max_classes), ("cell", cell)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    run_dir = Path(run_dir)
-    shards = sorted(completed_shards(run_dir))
+    run_dir = storage.normalize_out(run_dir)
+    shards = sorted(storage.completed_shards(run_dir))
     if not shards:
         raise UsageError(f"no committed shards in {run_dir}: run `synthgen generate` into it first")
     class_names = _class_names(run_dir)
-    picked = _collect(run_dir, shards, per_class, max_classes, class_names)
+    with storage.local_copies(run_dir) as local:
+        picked = _collect(local, shards, per_class, max_classes, class_names)
     grid = _draw(picked, class_names, per_class, cell)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -46,23 +49,27 @@ def make_preview(run_dir: Path, out: Path, per_class: int = 8, max_classes: int 
     return out
 
 
-def _class_names(run_dir: Path) -> dict[int, str]:
+def _class_names(run_dir: Path | str) -> dict[int, str]:
     try:
-        names = json.loads((run_dir / "dataset.json").read_text(encoding="utf-8")).get("class_names") or []
+        raw = storage.read_bytes(run_dir, "dataset.json")
+        if raw is None:
+            return {}
+        names = json.loads(raw.decode("utf-8")).get("class_names") or []
     except (OSError, ValueError, AttributeError):
         return {}  # no dataset.json: fall back to the names in the samples
     return {i: str(n) for i, n in enumerate(names)}
 
 
 def _collect(
-    run_dir: Path, shards: list[int], per_class: int, max_classes: int, class_names: dict[int, str]
+    local, shards: list[int], per_class: int, max_classes: int, class_names: dict[int, str]
 ) -> dict[int, list[tuple[Image.Image, float | None]]]:
-    """label -> [(image, score)], reading shards until the wanted classes are full."""
+    """label -> [(image, score)], reading shards until the wanted classes are full; `local(name)` is a
+    local path of the run folder's file (storage.local_copies)."""
     wanted = set(sorted(class_names)[:max_classes]) if class_names else None
     picked: dict[int, list[tuple[Image.Image, float | None]]] = {}
     for shard in shards:
         try:
-            url = str(shard_path(run_dir, shard))
+            url = str(local(shard_path(Path(), shard).name))
             reader = wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None)
             for sample in reader:
                 _take(sample, picked, per_class, wanted, class_names)

@@ -9,6 +9,10 @@ and removed after its stats file is written. The kernel drops the lock when its 
 included), so a lock file left behind by a dead process is free to claim again: no pid checks, no
 break-the-stale-lock race. The file's content (pid, host, time) only says who holds it, for messages.
 `.run.lock` serialises the short folder-wide steps (create/reopen, cleanup, aggregation).
+
+A URL run folder (s3://, gs://, memory://, file://...) has no locks: storage.py holds its commit
+protocol, what it supports concurrently (disjoint --shards ranges) and why that is safe. dataset.json's
+identity is read, compared and written the same way for both.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+from synthgen import storage
 from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
-from synthgen.shards import completed_shards, read_stats, shard_path, stats_path, write_json_atomic
+from synthgen.shards import completed_shards, json_bytes, read_stats, shard_path, stats_path, write_json_atomic
 
 RUN_FORMAT = "synthgen-run/1"
 DATASET_JSON = "dataset.json"
@@ -187,13 +192,14 @@ def versions() -> dict:
     }
 
 
-def read_dataset_json(run_dir: Path) -> dict | None:
-    path = run_dir / DATASET_JSON
-    if not path.is_file():
+def read_dataset_json(run_dir: Path | str) -> dict | None:
+    path = storage.join(run_dir, DATASET_JSON)
+    raw = storage.read_bytes(run_dir, DATASET_JSON)
+    if raw is None:
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path} is not valid JSON ({e}); rerun with --overwrite to start this folder afresh") from e
 
 
@@ -207,18 +213,24 @@ def prepare_run_dir(cfg: GenerateConfig, identity: dict, header: dict) -> list[P
     A folder written under a different identity is refused (resuming it would mix two datasets), unless
     --overwrite, which deletes only synthgen's own files there (refused while another process writes).
     """
+    if storage.is_remote(cfg.out):
+        storage.makedirs(cfg.out)
+        return _prepare_locked(cfg, _json_roundtrip(identity), header)  # no run lock on a URL: see storage.py
     cfg.out.mkdir(parents=True, exist_ok=True)
     with run_lock(cfg.out):
         return _prepare_locked(cfg, _json_roundtrip(identity), header)
 
 
-def _prepare_locked(cfg: GenerateConfig, identity: dict, header: dict) -> list[Path]:
-    run_dir = cfg.out
+def _prepare_locked(cfg: GenerateConfig, identity: dict, header: dict) -> list[Path | str]:
+    run_dir, remote = cfg.out, storage.is_remote(cfg.out)
     existing = read_dataset_json(run_dir)
     if cfg.overwrite:
-        _clear_run_files(run_dir)
+        if remote:
+            storage.clear_run(run_dir, DATASET_JSON)
+        else:
+            _clear_run_files(run_dir)
         existing = None
-    elif existing is None and any(run_dir.glob("*.tar")):
+    elif existing is None and _has_tars(run_dir):
         raise UsageError(
             f"{run_dir} holds .tar files but no {DATASET_JSON}: it is not a synthgen run folder. "
             "Choose another --out, or pass --overwrite to delete those shards"
@@ -231,11 +243,24 @@ def _prepare_locked(cfg: GenerateConfig, identity: dict, header: dict) -> list[P
             f"{run_dir} was generated with a different configuration ({details}); resuming would mix two "
             f"datasets. Use the original options, another --out, or --overwrite to start afresh"
         )
-    removed = remove_uncommitted(run_dir)
+    removed = storage.remove_uncommitted(run_dir, cfg.shards) if remote else remove_uncommitted(run_dir)
     if existing is None:
         doc = {"format": RUN_FORMAT, "identity": identity, **_json_roundtrip(header), "complete": False}
-        write_json_atomic(run_dir / DATASET_JSON, doc)
+        _write_dataset_json(run_dir, doc)
     return removed
+
+
+def _has_tars(run_dir: Path | str) -> bool:
+    if storage.is_remote(run_dir):
+        return any(name.endswith(".tar") for name in storage.list_files(run_dir))
+    return any(run_dir.glob("*.tar"))
+
+
+def _write_dataset_json(run_dir: Path | str, doc: dict) -> None:
+    if storage.is_remote(run_dir):
+        storage.write_bytes(run_dir, DATASET_JSON, json_bytes(doc))
+    else:
+        write_json_atomic(run_dir / DATASET_JSON, doc)
 
 
 def _clear_run_files(run_dir: Path) -> None:
@@ -257,8 +282,11 @@ def finalize_run(cfg: GenerateConfig, class_names: list[str]) -> dict:
     """Aggregate every stats file into dataset.json; returns the updated document.
 
     Under the run lock, so of two processes finishing together the later one reads every shard the
-    earlier one committed, and the last dataset.json written is complete when the run is.
+    earlier one committed, and the last dataset.json written is complete when the run is. A URL folder
+    has no lock: each run aggregates what is committed when it ends (see storage.py).
     """
+    if storage.is_remote(cfg.out):
+        return _finalize_locked(cfg, class_names)
     with run_lock(cfg.out):
         return _finalize_locked(cfg, class_names)
 
@@ -268,10 +296,7 @@ def _finalize_locked(cfg: GenerateConfig, class_names: list[str]) -> dict:
     doc = read_dataset_json(run_dir) or {}
     shards, per_class = {}, Counter()
     totals = Counter()
-    for k in range(cfg.num_shards):
-        stats = read_stats(run_dir, k) if shard_path(run_dir, k).exists() else None
-        if stats is None:
-            continue
+    for k, stats in _committed_stats(run_dir, cfg.num_shards):
         shards[str(k)] = stats
         for label, count in stats.get("per_class", {}).items():
             per_class[class_names[int(label)]] += count
@@ -287,8 +312,19 @@ def _finalize_locked(cfg: GenerateConfig, class_names: list[str]) -> dict:
                 "shards_done": len(shards)},
         complete=len(shards) == cfg.num_shards and totals["count"] == cfg.n,
     )
-    write_json_atomic(run_dir / DATASET_JSON, doc)
+    _write_dataset_json(run_dir, doc)
     return doc
+
+
+def _committed_stats(run_dir: Path | str, num_shards: int):
+    """(shard, stats) of the committed shards, in order."""
+    if storage.is_remote(run_dir):
+        yield from sorted(storage.committed_stats(run_dir, (0, num_shards)).items())
+        return
+    for k in range(num_shards):
+        stats = read_stats(run_dir, k) if shard_path(run_dir, k).exists() else None
+        if stats is not None:
+            yield k, stats
 
 
 def pending_shards(cfg: GenerateConfig) -> list[int]:
@@ -296,5 +332,5 @@ def pending_shards(cfg: GenerateConfig) -> list[int]:
     start, stop = cfg.shards or (0, cfg.num_shards)
     if start >= cfg.num_shards:
         raise UsageError(f"--shards {start}:{stop} starts past the last shard ({cfg.num_shards - 1})")
-    done = completed_shards(cfg.out)
+    done = storage.completed_shards(cfg.out) if storage.is_remote(cfg.out) else completed_shards(cfg.out)
     return [k for k in range(start, min(stop, cfg.num_shards)) if k not in done]

@@ -361,14 +361,19 @@ class ShardWriter:
 # ---------------------------------------------------------------------------------------------------
 
 
+def json_bytes(obj) -> bytes:
+    """JSON as every run-folder file is written: sorted keys, indent 1, no NaN, trailing newline."""
+    return (json.dumps(obj, sort_keys=True, indent=1, allow_nan=False) + "\n").encode("utf-8")
+
+
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON (sorted keys, indent 1) to a temporary file in the same folder, fsync, rename."""
+    """Write JSON (`json_bytes`) to a temporary file in the same folder, fsync, rename."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, sort_keys=True, indent=1, allow_nan=False)
-            f.write("\n")
+        data = json_bytes(obj)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -4,6 +4,8 @@ Every shard is read back with the `webdataset` library (the reader a classifier 
 against its stats file and `dataset.json`: counts, sha256 (tamper and truncation detection), keys,
 members, labels, metadata, decodable images of the right size, per-class counts and totals. Problems
 are data (STYLE.md 14): a truncated or garbage tar becomes a line in the report, never an exception.
+A URL run folder (s3://, memory://...) is listed and read through fsspec; each shard is downloaded to a
+temporary file, one at a time, and checked there like a local one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from synthgen.shards import IMAGE_EXTS, MAX_SHARD_SIZE, read_stats, sample_key, shard_path, stats_path
+from synthgen import storage
+from synthgen.shards import IMAGE_EXTS, MAX_SHARD_SIZE, sample_key, shard_path, stats_path
 
 RUN_FORMAT = "synthgen-run/1"
 REQUIRED_META = ("sample_id", "seed", "label", "class_name", "score")
@@ -37,7 +40,7 @@ _READ_ERRORS = (tarfile.TarError, OSError, ValueError, EOFError)
 
 @dataclass
 class VerifyReport:
-    run_dir: Path
+    run_dir: Path | str
     shards_checked: int
     samples: int
     problems: list[str] = field(default_factory=list)
@@ -58,17 +61,25 @@ class _RunInfo:
     sample_ids: set = field(default_factory=set)
 
 
-def verify_run(run_dir: Path, decode_images: bool = True) -> VerifyReport:
-    """Check every shard of a run folder; returns a report whose `problems` name shard, key and fault."""
-    run_dir = Path(run_dir)
+def verify_run(run_dir: Path | str, decode_images: bool = True) -> VerifyReport:
+    """Check every shard of a run folder (a path or a URL); returns a report whose `problems` name shard,
+    key and fault."""
+    run_dir = storage.normalize_out(run_dir)
     report = VerifyReport(run_dir=run_dir, shards_checked=0, samples=0, problems=[])
     dataset = _load_dataset(run_dir, report.problems)
     if dataset is None:
         return report
+    with storage.local_copies(run_dir) as local:
+        _verify_shards(run_dir, dataset, report, decode_images, local)
+    return report
+
+
+def _verify_shards(run_dir: Path | str, dataset: dict, report: VerifyReport, decode_images: bool, local) -> None:
     info = _run_info(dataset, report.problems)
-    report.problems += _stray_files(run_dir)
+    names = storage.list_files(run_dir)
+    report.problems += _stray_files(names)
     listed = _listed_shards(dataset, report.problems)
-    on_disk = _shards_on_disk(run_dir)
+    on_disk = _shards_on_disk(names)
     report.problems += _shard_set_problems(run_dir, dataset, listed, on_disk)
 
     # dataset.json aggregates the stats files, and each stats file is checked against its tar: so the
@@ -81,14 +92,13 @@ def verify_run(run_dir: Path, decode_images: bool = True) -> VerifyReport:
             continue
         entry = (dataset.get("shards") or {}).get(str(shard))
         entry = entry if isinstance(entry, dict) else None
-        problems, labels, count = _check_shard(run_dir, shard, stats, entry, info, decode_images)
+        problems, labels, count = _check_shard(local, shard, stats, entry, info, decode_images)
         report.problems += _capped(shard, problems)
         report.shards_checked += 1
         report.samples += count
         per_class += _recorded_per_class(stats, labels)
         recorded_samples += stats["count"] if isinstance(stats.get("count"), int) else count
     report.problems += _totals_problems(dataset, info, per_class, recorded_samples)
-    return report
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,13 +106,14 @@ def verify_run(run_dir: Path, decode_images: bool = True) -> VerifyReport:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _load_dataset(run_dir: Path, problems: list[str]) -> dict | None:
-    path = run_dir / "dataset.json"
-    if not path.is_file():
-        problems.append(f"{run_dir}: no dataset.json, not a synthgen run folder")
-        return None
+def _load_dataset(run_dir: Path | str, problems: list[str]) -> dict | None:
+    path = storage.join(run_dir, "dataset.json")
     try:
-        dataset = json.loads(path.read_text(encoding="utf-8"))
+        raw = storage.read_bytes(run_dir, "dataset.json")
+        if raw is None:
+            problems.append(f"{run_dir}: no dataset.json, not a synthgen run folder")
+            return None
+        dataset = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:
         problems.append(f"{path}: unreadable ({exc}), not a synthgen run folder")
         return None
@@ -132,10 +143,10 @@ def _run_info(dataset: dict, problems: list[str]) -> _RunInfo:
     return _RunInfo(fmt=fmt, image_size=size, class_names=class_names)
 
 
-def _stray_files(run_dir: Path) -> list[str]:
+def _stray_files(names) -> list[str]:
     return [
-        f"{p.name}: stray temporary file from an interrupted write (resume removes it)"
-        for p in sorted(run_dir.glob("*.tmp"))
+        f"{name}: stray temporary file from an interrupted write (resume removes it)"
+        for name in sorted(names) if name.endswith(".tmp") and not name.startswith(".")
     ]
 
 
@@ -149,16 +160,16 @@ def _listed_shards(dataset: dict, problems: list[str]) -> set[int]:
     return listed
 
 
-def _shards_on_disk(run_dir: Path) -> dict[str, set[int]]:
+def _shards_on_disk(names) -> dict[str, set[int]]:
     found: dict[str, set[int]] = {"tars": set(), "stats": set()}
-    for p in run_dir.iterdir():
-        m = re.match(r"^(\d{6})\.(tar|stats\.json)$", p.name)
+    for name in names:
+        m = re.match(r"^(\d{6})\.(tar|stats\.json)$", name)
         if m:
             found["tars" if m.group(2) == "tar" else "stats"].add(int(m.group(1)))
     return found
 
 
-def _shard_set_problems(run_dir: Path, dataset: dict, listed: set[int], on_disk: dict) -> list[str]:
+def _shard_set_problems(run_dir: Path | str, dataset: dict, listed: set[int], on_disk: dict) -> list[str]:
     tars, stats = on_disk["tars"], on_disk["stats"]
     tar, st = (lambda k: shard_path(run_dir, k).name), (lambda k: stats_path(run_dir, k).name)
     out = [f"{tar(k)}: listed as done in dataset.json but has no stats file" for k in sorted(listed - stats)]
@@ -174,9 +185,10 @@ def _shard_set_problems(run_dir: Path, dataset: dict, listed: set[int], on_disk:
     return out
 
 
-def _load_stats(run_dir: Path, shard: int, problems: list[str]) -> dict | None:
+def _load_stats(run_dir: Path | str, shard: int, problems: list[str]) -> dict | None:
     try:
-        stats = read_stats(run_dir, shard)
+        raw = storage.read_bytes(run_dir, stats_path(Path(), shard).name)
+        stats = None if raw is None else json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:
         problems.append(f"{stats_path(run_dir, shard).name}: unreadable ({exc})")
         return None
@@ -208,11 +220,16 @@ def _sha256(path: Path) -> tuple[str, int]:
 
 
 def _check_shard(
-    run_dir: Path, shard: int, stats: dict, entry: dict | None, info: _RunInfo, decode_images: bool
+    local, shard: int, stats: dict, entry: dict | None, info: _RunInfo, decode_images: bool
 ) -> tuple[list[str], Counter[int], int]:
-    """Problems of one shard, its observed per-label counts and its number of samples."""
-    path = shard_path(run_dir, shard)
-    name = path.name
+    """Problems of one shard, its observed per-label counts and its number of samples.
+
+    `local(name)`: a local path of the run folder's file (storage.local_copies)."""
+    name = shard_path(Path(), shard).name
+    try:
+        path = local(name)
+    except OSError as exc:
+        return [f"{name}: cannot read ({exc})"], Counter(), 0
     problems = _record_problems(path, shard, stats, entry)
     labels: Counter[int] = Counter()
     index = 0
