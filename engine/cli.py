@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from synthgen.benchmark import BenchConfig
 from synthgen.config import DEVICES, DTYPES, EXECUTORS, FORMATS, GenerateConfig
 from synthgen.errors import UsageError
 from synthgen.plan import BALANCES, MODES
@@ -314,6 +315,124 @@ def build_engine_cmd(
         shape = f"buckets {c.buckets}" if c.buckets else f"batch 1..{c.max_batch}"
         typer.echo(f"  {name:<9} {c.backend:<8} {shape:<22} max abs err {c.error['max_abs']:.2e}  "
                    f"rel {c.error['max_rel']:.2e} (tol {c.error['tolerance']:.0e})")
+
+
+# ---- bench -------------------------------------------------------------------------------------------
+
+
+def _bench(name: str):
+    """BenchConfig's default as the CLI shows it (lists as '1,4,20'): one source of defaults."""
+    value = BenchConfig.__dataclass_fields__[name].default
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+def _int_list(option: str):
+    """A typer callback: '1,4,25' -> (1, 4, 25); anything else is a clear usage error (exit 2)."""
+
+    def parse(value: str):
+        from synthgen.benchmark import parse_int_list
+
+        try:
+            return parse_int_list(value, option)
+        except UsageError as e:
+            raise typer.BadParameter(str(e)) from None
+
+    return parse
+
+
+def _typed_options(ctx: typer.Context) -> list[str]:
+    """The command and the options given on its command line, for the record in result files."""
+    out = [ctx.info_name]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if source is not None and source.name == "COMMANDLINE":
+            value = ctx.params[param.name]
+            out += [param.opts[0], ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return out
+
+
+@app.command()
+def bench(
+    ctx: typer.Context,
+    pack: Optional[Path] = typer.Option(None, help="Pack folder (default: the trained pack shipped inside synthgen)."),
+    preset: Optional[str] = typer.Option(None, help="Benchmark a random-weight pack instead: tiny | small | paper | "
+                                         "tiny-unet | tiny-flow (written to a temporary folder)."),
+    images: Optional[str] = typer.Option(None, help="Real images for decode/encode (same forms as 'embed --images'; "
+                                         "default: 64 JPEG crops of the photos in scikit-learn's wheel)."),
+    backend: str = typer.Option(_bench("backend"), help="eager | compile | ort | trt | auto (engines built once, "
+                                "build time reported apart)."),
+    dtype: str = typer.Option(_bench("dtype"), help=" | ".join(DTYPES)),
+    device: str = typer.Option(_bench("device"), help=" | ".join(DEVICES)),
+    sampler: str = typer.Option(_bench("sampler"), help=" | ".join(SAMPLERS)),
+    steps: str = typer.Option(_bench("steps"), callback=_int_list("--steps"), help="Comma-separated step counts."),
+    batch: str = typer.Option(_bench("batches"), callback=_int_list("--batch"), help="Comma-separated batch sizes."),
+    cfg: float = typer.Option(_bench("cfg"), min=0.0, help="Guidance scale (1 = off: one denoiser row per image)."),
+    n: str = typer.Option(_bench("n"), "--n", help="Images per end-to-end run (synthgen and naive)."),
+    naive_batch: int = typer.Option(_bench("naive_batch"), min=1, help="Images per call of the naive baseline."),
+    repeats: int = typer.Option(_bench("repeats"), min=1, help="Timed repeats per stage (the median is reported)."),
+    e2e_repeats: int = typer.Option(_bench("e2e_repeats"), min=1, help="Timed end-to-end runs per setting (median)."),
+    matmul_size: int = typer.Option(_bench("matmul_size"), min=16, help="Side of the square matmul that measures "
+                                    "the peak."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every number and the environment here."),
+    md: Optional[Path] = typer.Option(None, help="Write the table, command and machine load as markdown here."),
+    plot: Optional[Path] = typer.Option(None, help="PNG of throughput vs batch and vs steps (needs matplotlib)."),
+):
+    """Measure throughput: every stage alone, generate end to end, and a naive baseline, in one run.
+
+    Stages (images/s, warm-up excluded, median of --repeats, each on the same loaded pack):
+
+      decode        image files -> pixels with the sources readers (PIL; synthgen.decode when installed)
+
+      encode        real images -> embeddings, as 'synthgen embed' does
+
+      denoise_step  ONE denoiser forward, cond+uncond batched into one call as generate does (CFG)
+
+      vae_decode    latents -> pixels (packs with a VAE)
+
+      filter        generated pixels -> encoder -> cosine score against the condition
+
+      image_encode  pixels -> JPEG/WebP/PNG bytes, one thread
+
+      write         samples -> one tar shard (fsync and rename included)
+
+    End to end: the real 'generate' into a temporary folder for each --steps x --batch (model load excluded).
+
+    Denoise-only: denoise_step images/s divided by the steps, the ceiling generate can reach.
+
+    Naive: the same pack driven like a diffusers pipeline, --naive-batch images per call, the denoiser called
+    twice per step for CFG, a diffusers scheduler, then decode, score, PIL encode and tar write in sequence.
+
+    FLOPs per image come from the pack ('pack inspect'); % peak is against a matmul measured in this run.
+    Output: a table, and with --json / --md / --plot the numbers, the environment and the command.
+
+    Examples:
+
+      synthgen bench                                        # the shipped default pack
+
+      synthgen bench --preset small --steps 4,20 --batch 8,32 --json out.json --plot out.png
+
+      synthgen bench --preset tiny --steps 1,2 --batch 4 --n 16 --repeats 2    # seconds, a smoke test
+
+      synthgen bench --pack P --backend ort --dtype fp32 --steps 25 --batch 64
+    """
+    from synthgen.benchmark import BenchConfig, markdown, run_bench, table_lines, write_json, write_plot
+
+    config = BenchConfig(
+        pack=pack, preset=preset, images=images, backend=backend, dtype=dtype, device=device, sampler=sampler,
+        steps=steps, batches=batch, cfg=cfg, n=n, naive_batch=naive_batch, repeats=repeats,
+        e2e_repeats=e2e_repeats, matmul_size=matmul_size,
+    )
+    result = run_bench(config, log=lambda line: typer.echo(line, err=True), argv=_typed_options(ctx))
+    _say(table_lines(result))
+    if json_out is not None:
+        write_json(result, json_out)
+        typer.echo(f"wrote {json_out}")
+    if md is not None:
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(markdown(result))
+        typer.echo(f"wrote {md}")
+    if plot is not None:
+        typer.echo(write_plot(result, plot))
 
 
 # ---- train / eval -------------------------------------------------------------------------------------
