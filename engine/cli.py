@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from synthgen.benchmark import BenchConfig
-from synthgen.config import DEVICES, DTYPES, EXECUTORS, FORMATS, GenerateConfig
+from synthgen.config import DEVICES, DTYPES, EXECUTORS, FORMATS, GenerateConfig, parse_buckets
 from synthgen.errors import UsageError
 from synthgen.plan import BALANCES, MODES
 from synthgen.samplers import SAMPLERS
@@ -304,10 +304,7 @@ def build_engine_cmd(
     from synthgen.engines import build_engine
     from synthgen.pipeline import resolve_device
 
-    try:
-        buckets = tuple(int(b) for b in batch_buckets.split(",") if b.strip()) if batch_buckets else ()
-    except ValueError:
-        raise UsageError(f"--batch-buckets {batch_buckets!r} must be comma-separated integers, e.g. 8,32,128")
+    buckets = parse_buckets(batch_buckets) or ()
     manifest = build_engine(pack, out, backend, precision, batch, buckets, resolve_device(device))
     typer.echo(f"built {backend} {precision} engines for pack {manifest.pack_name} ({manifest.pack_hash}) "
                f"in {manifest.build_seconds:.1f} s -> {out}")
