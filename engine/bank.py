@@ -153,7 +153,11 @@ def build_bank(
         raise UsageError(f"--batch must be >= 1, got {batch_size}")
     source = open_source(images)
     config = read_pack_config(pack)
-    image_decoder = make_decoder(decoder, resize=config.encoder.resize, batch_size=batch_size, device=device)
+    # In-memory pixels need no decoder: building a DALI pipeline for them would only mislabel the bank.
+    image_decoder = make_decoder(decoder if source.encoded else "pil", resize=config.encoder.resize,
+                                 batch_size=batch_size, device=device)
+    decoder_name = image_decoder.name if source.encoded else "in memory"
+    decoder_description = image_decoder.description if source.encoded else "none (pixels held in memory)"
     encoder = load_pack(pack, device=device, dtype=dtype, components=("encoder",)).encoder
     out = Path(out)
     start = time.perf_counter()
@@ -167,7 +171,7 @@ def build_bank(
             pending.clear()
 
     items = source.items(image_decoder)
-    for item in tqdm(items, total=len(source), desc=f"embed ({image_decoder.name})", unit="img", disable=not progress):
+    for item in tqdm(items, total=len(source), desc=f"embed ({decoder_name})", unit="img", disable=not progress):
         if item.image is None:
             skipped.append({"key": item.key, "error": item.error})
             continue
@@ -183,8 +187,8 @@ def build_bank(
     if not torch.isfinite(embeddings).all():
         raise UsageError("the encoder produced non-finite embeddings; check the pack's encoder weights")
     meta = write_bank(out, embeddings, labels, keys, source.class_names, encoder_id(config), source=images,
-                      extra={"pack": str(pack), "decoder": image_decoder.description,
+                      extra={"pack": str(pack), "decoder": decoder_description,
                              "num_skipped": len(skipped), "skipped": skipped})
     seconds = time.perf_counter() - start
     return {"embedded": len(keys), "skipped": skipped, "seconds": seconds, "out": str(out), "dim": meta["dim"],
-            "decoder": image_decoder.description}
+            "decoder": decoder_description}

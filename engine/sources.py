@@ -92,6 +92,7 @@ class ImageSource:
     class_names: list[str]
     _length: int = field(repr=False)
     _raw: Callable[[], Iterator[RawItem]] = field(repr=False, compare=False)
+    encoded: bool = True  # False: the source yields decoded pixels (builtin:digits), no decoder is involved
 
     def __len__(self) -> int:
         return self._length
@@ -410,7 +411,8 @@ def _open_digits(spec: str) -> ImageSource:
     train, test = digits_split()
     indices = {"all": np.arange(DIGITS_COUNT), "train": train, "test": test}[split]
     indices = tuple(int(i) for i in indices)
-    return ImageSource(spec, [str(d) for d in range(10)], len(indices), functools.partial(_iter_digits, indices))
+    return ImageSource(spec, [str(d) for d in range(10)], len(indices), functools.partial(_iter_digits, indices),
+                       encoded=False)
 
 
 def _iter_digits(indices: tuple[int, ...]) -> Iterator[RawItem]:
