@@ -55,7 +55,9 @@ def arms(quick: bool, taus: tuple[float, float]) -> list[Arm]:
         Arm("rep perturb 5x", "conditioning", scale=5 * s, gen={"mode": "perturb", "lam": 0.3}),
         Arm("rep interpolate 5x", "conditioning", scale=5 * s, gen={"mode": "interpolate"}),
         Arm(f"rep reuse 5x, min-score {taus[0]:.3f} (p25)", "filtering", scale=5 * s, gen={"min_score": taus[0]}),
+        Arm(f"rep reuse 5x, min-score {taus[1]:.3f} (p50)", "filtering", scale=5 * s, gen={"min_score": taus[1]}),
         Arm("rep reuse 5x, keep-top 0.5", "filtering", scale=5 * s, gen={"keep_top": 0.5}),
+        Arm("rep reuse 5x, cfg 2", "conditioning", scale=5 * s, gen={"cfg": 2.0}),
         Arm("dpmpp_2m 4 steps 0.5x", "sampler", scale=0.5 * s, gen={"sampler": "dpmpp_2m", "steps": 4}),
         Arm("dpmpp_2m 8 steps 0.5x", "sampler", scale=0.5 * s),
         Arm("dpmpp_2m 16 steps 0.5x", "sampler", scale=0.5 * s, gen={"sampler": "dpmpp_2m", "steps": 16}),
@@ -162,12 +164,32 @@ def run(out: Path, quick: bool, seeds: int, steps: int, rep_pack: Path | None, c
                "std": statistics.stdev(top1) if len(top1) > 1 else 0.0, "generation": gen_info}
         results.append(row)
         print(f"{arm.name:<32} n={len(data):>6}  top-1 {row['mean']:.4f} ± {row['std']:.4f}", flush=True)
-    doc = {"quick": quick, "seeds": seeds, "min_score_taus": taus, "generation_defaults": GEN_DEFAULTS, "classifier_steps": steps, "rep_pack": str(rep_pack),
-           "class_pack": str(class_pack), "seconds": time.perf_counter() - t0, "results": results}
+    doc = {"quick": quick, "seeds": seeds, "min_score_taus": taus, "generation_defaults": GEN_DEFAULTS,
+           "classifier_steps": steps, "rep_pack": str(rep_pack), "class_pack": str(class_pack),
+           "seconds": time.perf_counter() - t0, "results": results}
+    if only is not None and (out / "compare.json").is_file():
+        doc = merge_rows(json.loads((out / "compare.json").read_text()), doc, [a.name for a in arms(quick, taus)])
     (out / "compare.json").write_text(json.dumps(doc, indent=1))
     (out / "compare.md").write_text(markdown_table(doc))
     plot(doc, out / "compare.png")
     return doc
+
+
+def merge_rows(previous: dict, update: dict, order: list[str]) -> dict:
+    """An --only run replaces its arms' rows in the previous study and keeps the rest, in study order.
+
+    Only valid when both ran on the same packs, seeds and classifier budget; anything else is refused.
+    """
+    same = lambda v: json.loads(json.dumps(v))  # noqa: E731 - compare as stored (tuples become lists)
+    for key in ("quick", "seeds", "classifier_steps", "rep_pack", "class_pack", "min_score_taus"):
+        if same(previous.get(key)) != same(update.get(key)):
+            raise SystemExit(f"cannot merge into the previous compare.json: {key} differs "
+                             f"({previous.get(key)!r} vs {update.get(key)!r}); rerun the whole study")
+    rows = {r["name"]: r for r in previous["results"]} | {r["name"]: r for r in update["results"]}
+    rank = {name: i for i, name in enumerate(order)}
+    merged = sorted(rows.values(), key=lambda r: rank.get(r["name"], len(rank)))
+    return {**previous, "results": merged, "seconds": previous["seconds"] + update["seconds"],
+            "merged_runs": previous.get("merged_runs", 1) + 1}
 
 
 def train_class_pack(rep_pack: Path, out: Path, quick: bool) -> Path:
@@ -193,7 +215,9 @@ def markdown_table(doc: dict) -> str:
         "| arm | group | train images | top-1 mean | std | gen img/s |", "|---|---|---:|---:|---:|---:|",
     ]
     for r in doc["results"]:
-        rate = f"{r['generation']['images_per_second']:.0f}" if r["generation"] else "-"
+        rate = r["generation"]["images_per_second"] if r["generation"] else None
+        # 0 img/s: the run folder was complete from an earlier invocation and resume generated nothing.
+        rate = "-" if rate is None else "cached" if rate == 0 else f"{rate:.0f}"
         lines.append(f"| {r['name']} | {r['group']} | {r['train_images']} | {r['mean']:.4f} | {r['std']:.4f} | {rate} |")
     return "\n".join(lines) + "\n"
 
