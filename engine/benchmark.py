@@ -215,14 +215,6 @@ def matmul_peak(dtype: torch.dtype, size: int, device: torch.device, repeats: in
 # ---- Inputs --------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
-
-
 def write_photo_folder(out: Path, count: int = 64, size: int = 256, quality: int = 90) -> str:
     """An image-folder source of `count` real JPEG crops (size x size) of the photos in scikit-learn's
     wheel, one class per photo. Real camera content keeps JPEG decode cost honest (noise would not)."""
@@ -576,6 +568,8 @@ def image_flops(flops: dict[str, float], steps: int, cfg: float) -> float:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, argv: list[str] | None = None) -> BenchResult:
     """Every measurement of the module docstring, in one process; temporary files are removed."""
+    from synthgen.pipeline import resolve_device
+
     device, dtype = resolve_device(cfg.device), TORCH_DTYPES[cfg.dtype]
     env = environment(cfg, device, argv)
     with tempfile.TemporaryDirectory(prefix="synthgen-bench-") as tmp, engine_cache(Path(tmp) / "engines"):
