@@ -149,11 +149,10 @@ class GenerateConfig:
             raise UsageError("--address and --gpus-per-worker are Ray options: add --executor ray")
         if self.staging is not None:
             object.__setattr__(self, "staging", Path(self.staging))
-        if is_remote(self.out) and self.executor == "ray":
-            raise UsageError(
-                f"--executor ray with a URL --out ({self.out}) is not supported yet; run one 'synthgen "
-                "generate --shards A:B' per machine on disjoint ranges instead (see README, remote run folders)"
-            )
+        if is_remote(self.out) and self.executor == "ray" and str(self.out).startswith("memory://"):
+            # Every Ray actor is its own process, and a memory:// filesystem lives inside one process.
+            raise UsageError(f"--executor ray cannot write to {self.out}: memory:// folders exist in one process "
+                             "only; use a shared URL (s3://, gs://, file:// on a shared mount) or a local path")
         if self.engine is not None:
             object.__setattr__(self, "engine", Path(self.engine))
             if self.backend != "eager":

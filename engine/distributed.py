@@ -9,9 +9,10 @@ The driver hands one shard at a time to each idle actor; an actor claims the sha
   driver starts a replacement actor and the shard is queued again, up to MAX_ATTEMPTS times;
 - images are a pure function of (run identity, sample id), so the result equals a local run's.
 The run folder must be a path every actor sees (a local disk for one machine, or a shared POSIX file
-system with working `flock`, e.g. NFSv4 or Lustre mounted with -o flock). Object-store URLs (s3://,
-gs://) have no locks to claim shards with, so the Ray executor refuses them; write to a bucket with the
-local executor and disjoint `--shards A:B` ranges per machine (engine/storage.py).
+system with working `flock`, e.g. NFSv4 or Lustre mounted with -o flock), or an fsspec URL (s3://,
+gs://). A URL has no locks, and none are needed here: this driver is the only one handing out shards and
+gives each to one live actor at a time; an actor stages its shard locally and uploads it tar first, stats
+last (engine/storage.py), so a shard whose actor died mid-upload is simply not committed and is redone.
 """
 
 from __future__ import annotations

@@ -67,6 +67,15 @@ def test_ray_run_equals_local_run(ray_cluster, ray_kwargs, local_reference):
     assert verify_run(ray_kwargs["out"]).ok and shard_bytes(ray_kwargs["out"]) == local_reference
 
 
+def test_ray_run_into_a_url_folder_equals_local_run(ray_cluster, ray_kwargs, local_reference, tmp_path):
+    """A file:// URL takes the object-store path (staging, tar upload, stats last) from every actor."""
+    url = f"file://{tmp_path / 'remote'}"
+    summary = run_generate(GenerateConfig(**{**ray_kwargs, "out": url}, executor="ray", workers=2))
+    assert summary.complete and sorted(summary.shards_written) == list(range(8))
+    assert verify_run(url).ok and shard_bytes(tmp_path / "remote") == local_reference
+    assert not list((tmp_path / "remote").glob("*.lock"))  # no claims on a URL folder
+
+
 def test_lost_actor_shard_is_retried_elsewhere(ray_cluster, ray_kwargs, local_reference):
     """kill -9 the first actor seen holding a shard lock; its shard is redone by a replacement actor."""
     run_dir, killed = ray_kwargs["out"], []

@@ -170,8 +170,8 @@ def test_missing_s3fs_is_a_clear_cli_error(monkeypatch, capsys):
     assert "s3://bucket/run: s3:// run folders need the s3fs package: pip install s3fs" in err
 
 
-def test_ray_executor_with_a_url_is_refused(gen_kwargs, mem_url):
-    with pytest.raises(UsageError, match="--executor ray with a URL --out"):
+def test_ray_executor_with_a_process_local_memory_url_is_refused(gen_kwargs, mem_url):
+    with pytest.raises(UsageError, match="memory:// folders exist in one process"):
         GenerateConfig(**{**gen_kwargs, "out": mem_url}, executor="ray")
 
 
