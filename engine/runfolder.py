@@ -296,20 +296,19 @@ def _finalize_locked(cfg: GenerateConfig, class_names: list[str]) -> dict:
     doc = read_dataset_json(run_dir) or {}
     shards, per_class = {}, Counter()
     totals = Counter()
+    summed = ("target", "candidates", "rejected", "nonfinite", "retried", "surplus", "errors", "oom_backoffs")
     for k, stats in _committed_stats(run_dir, cfg.num_shards):
         shards[str(k)] = stats
         for label, count in stats.get("per_class", {}).items():
             per_class[class_names[int(label)]] += count
-        for key in ("count", "target", "candidates", "rejected", "nonfinite", "surplus", "errors"):
+        for key in ("count", *summed):
             totals[key] += stats.get(key, 0)
     doc.update(
         shards=shards,
         num_shards=cfg.num_shards,
         class_names=class_names,
         per_class_counts={name: per_class.get(name, 0) for name in class_names},
-        totals={"samples": totals["count"], **{k: totals[k] for k in
-                ("target", "candidates", "rejected", "nonfinite", "surplus", "errors")},
-                "shards_done": len(shards)},
+        totals={"samples": totals["count"], **{k: totals[k] for k in summed}, "shards_done": len(shards)},
         complete=len(shards) == cfg.num_shards and totals["count"] == cfg.n,
     )
     _write_dataset_json(run_dir, doc)

@@ -209,6 +209,9 @@ def test_out_of_memory_halves_the_batch_and_the_run_completes_with_the_same_imag
     assert engine.batches["denoise"].size == 2 and results[0]["oom_backoffs"] == 2
     assert sum(r["oom_backoffs"] for r in results) == 2  # remembered: later shards start at 2
     assert results[-1]["batch_sizes"]["denoise"] == 2
+    from synthgen.runfolder import finalize_run
+
+    assert finalize_run(engine.cfg, engine.bank.class_names)["totals"]["oom_backoffs"] == 2  # in dataset.json
     assert [r.getMessage() for r in caplog.records] == [
         "denoise: out of memory at batch 8, continuing at batch 4 for the rest of the run",
         "denoise: out of memory at batch 4, continuing at batch 2 for the rest of the run",
@@ -257,6 +260,10 @@ def test_nan_rows_that_stay_nan_are_dropped_and_counted(gen_kwargs):
     assert sum(r["nonfinite"] for r in results) > 0
     for r in results:
         assert r["retried"] == r["nonfinite"] and r["candidates"] == r["count"] + r["rejected"] + r["surplus"]
+    from synthgen.runfolder import finalize_run
+
+    totals = finalize_run(engine.cfg, engine.bank.class_names)["totals"]
+    assert totals["retried"] == totals["nonfinite"] == sum(r["nonfinite"] for r in results) > 0
     import webdataset as wds
 
     urls = sorted(str(p) for p in gen_kwargs["out"].glob("*.tar"))
