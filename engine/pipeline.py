@@ -543,16 +543,18 @@ def _write_shard(engine: Engine, shard: int, run_dir: Path, encoders, on_images)
         counts["unused"] += len(pending.rows)
         stream.close()  # look-ahead past the shard's last decision is not needed: free the device now
         out.drain()
-        info = writer.commit()
-    stats = {
-        "shard": shard, "target": target, **{k: int(counts[k]) for k in STAT_KEYS},
-        "exhausted": counts["count"] < target, "first_candidate_id": shard * budget,
-        "per_class": {str(k): v for k, v in sorted(per_class.items())},
-        "sha256": info["sha256"], "bytes": info["bytes"], "seconds": round(time.perf_counter() - start, 3),
-        "image_encoder": engine.image_encoder, "oom_backoffs": engine.oom_backoffs - backoffs,
-        "batch_sizes": {stage: b.size for stage, b in engine.batches.items()},
-    }
-    write_stats(run_dir, shard, stats)
+        with signals_deferred():  # the tar and its done marker land together, or neither does
+            info = writer.commit()
+            stats = {
+                "shard": shard, "target": target, **{k: int(counts[k]) for k in STAT_KEYS},
+                "exhausted": counts["count"] < target, "first_candidate_id": shard * budget,
+                "per_class": {str(k): v for k, v in sorted(per_class.items())},
+                "sha256": info["sha256"], "bytes": info["bytes"],
+                "seconds": round(time.perf_counter() - start, 3),
+                "image_encoder": engine.image_encoder, "oom_backoffs": engine.oom_backoffs - backoffs,
+                "batch_sizes": {stage: b.size for stage, b in engine.batches.items()},
+            }
+            write_stats(run_dir, shard, stats)
     return stats
 
 
@@ -637,14 +639,45 @@ def stop_on_signals():
     def handler(signum, frame):
         if not fired:
             fired.append(signum)
+            if _gate.deferring:
+                _gate.pending = signum  # raised by signals_deferred when the commit is done
+                return
             raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
+        _gate.pending = None
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@dataclass
+class _SignalGate:
+    deferring: bool = False
+    pending: int | None = None
+
+
+_gate = _SignalGate()  # signal handlers run in the main thread only, so one gate serves the process
+
+
+@contextmanager
+def signals_deferred():
+    """A commit's critical section: a SIGINT/SIGTERM arriving inside is raised as `Interrupted` when it
+    ends. Without it, a signal between a shard's rename and its stats file leaves a tar without its done
+    marker: never counted as committed (resume redoes it), but work thrown away and a confusing folder."""
+    outer = _gate.deferring
+    _gate.deferring = True
+    try:
+        yield
+    except BaseException:
+        _gate.deferring, _gate.pending = outer, None if not outer else _gate.pending  # the error stops the run
+        raise
+    _gate.deferring = outer
+    if not outer and _gate.pending is not None:
+        signum, _gate.pending = _gate.pending, None
+        raise Interrupted(signum)
 
 
 def describe_run(cfg: GenerateConfig) -> tuple[dict, dict, list[str]]:

@@ -326,3 +326,18 @@ def test_peak_memory_does_not_grow_with_n(tiny_pack, digits_bank, tmp_path):
 
     small, large = peak_kib(16), peak_kib(160)
     assert large - small < 30 * 1024, f"peak RSS {small} KiB at --n 16, {large} KiB at --n 160"
+
+
+def test_a_signal_inside_a_commit_is_raised_after_it():
+    """SIGTERM between a shard's rename and its stats file would leave a tar without its done marker."""
+    import signal as signal_module
+
+    from synthgen.pipeline import Interrupted, signals_deferred, stop_on_signals
+
+    steps = []
+    with stop_on_signals():
+        with pytest.raises(Interrupted):
+            with signals_deferred():
+                signal_module.raise_signal(signal_module.SIGTERM)
+                steps.append("after the signal, still inside")
+        assert steps == ["after the signal, still inside"]
