@@ -39,7 +39,9 @@ def cli(*args: str) -> None:
 
 def measure(n: int, root: Path, pack: Path, bank: Path, steps: int) -> dict:
     done = subprocess.run([sys.executable, "-c", CHILD, str(n), str(root / f"run-{n}"), str(pack), str(bank),
-                           str(steps)], capture_output=True, text=True, check=True)
+                           str(steps)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"generate --n {n} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     images, seconds, peak_kib = done.stdout.split()[-3:]
     return {"n": n, "images": int(images), "seconds": round(float(seconds), 1),
             "images_per_second": round(int(images) / float(seconds), 1), "peak_rss_mib": round(int(peak_kib) / 1024, 1)}

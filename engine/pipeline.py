@@ -672,7 +672,9 @@ def signals_deferred():
     try:
         yield
     except BaseException:
-        _gate.deferring, _gate.pending = outer, None if not outer else _gate.pending  # the error stops the run
+        _gate.deferring = outer
+        if not outer:
+            _gate.pending = None  # the error itself stops the run
         raise
     _gate.deferring = outer
     if not outer and _gate.pending is not None:
