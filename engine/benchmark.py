@@ -537,16 +537,13 @@ def run_e2e(pack_dir: Path, bank_dir: Path, cfg: BenchConfig, steps: int, batch:
 
 
 def environment(cfg: BenchConfig, device: torch.device, argv: list[str] | None) -> dict:
-    from synthgen.export.manifest import device_info
+    from synthgen.export.manifest import cpu_native_bf16, device_info
     from synthgen.runfolder import versions
 
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0]
     return {
         "device": device_info(device), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "dtype": cfg.dtype, "versions": versions(),
-        "platform": platform.platform(), "cpu_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+        "platform": platform.platform(), "cpu_bf16": cpu_native_bf16(),
         "load_avg_start": [round(v, 2) for v in os.getloadavg()],
         "command": " ".join(["synthgen", *(sys.argv[1:] if argv is None else argv)]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

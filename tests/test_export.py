@@ -28,7 +28,7 @@ from synthgen.errors import UsageError  # noqa: E402
 from synthgen.export.backends import (  # noqa: E402
     HAS_TENSORRT, EagerBackend, output_error, run_bucketed, unavailable_reason,
 )
-from synthgen.export.manifest import read_manifest, write_manifest  # noqa: E402
+from synthgen.export.manifest import cpu_isa, read_manifest, write_manifest  # noqa: E402
 from synthgen.export.precision import convert_precision  # noqa: E402
 from synthgen.pack import load_pack  # noqa: E402
 from synthgen.pipeline import generate_batch, load_engine  # noqa: E402
@@ -173,6 +173,25 @@ def test_manifest_detects_changed_pack_and_versions(tiny_pack, tmp_path):
     write_manifest(engine, manifest)
     with pytest.raises(UsageError, match="torch changed from 0.0.1"):
         load_backends(engine, load_pack(pack_dir), "cpu")
+
+
+def test_manifest_detects_another_cpu_isa_for_cpu_specific_backends(ort_engines, tiny_pack, tmp_path):
+    _, built = ort_engines["tiny"]
+    engine = tmp_path / "ort"
+    shutil.copytree(built, engine)
+    manifest = read_manifest(engine)
+    assert manifest.device["isa"] == cpu_isa() and "torch_cpu_capability" in manifest.device
+    load_backends(engine, load_pack(tiny_pack), "cpu")  # built here: loads
+    # As if built on an AVX2-only core (or, seen from one, on an AVX-512 core whose code would not run).
+    manifest.device["isa"] = ["avx2", "fma"] if "avx512f" in cpu_isa() else [*cpu_isa(), "avx512f"]
+    write_manifest(engine, manifest)
+    with pytest.raises(UsageError, match="built on a CPU with .*this CPU has"):
+        load_backends(engine, load_pack(tiny_pack), "cpu")
+    # Eager engines hold no machine code: a manifest from another CPU still loads.
+    eager = build_engine(tiny_pack, tmp_path / "eager", "eager", "fp32", batch=2)
+    eager.device["isa"] = manifest.device["isa"]
+    write_manifest(tmp_path / "eager", eager)
+    load_backends(tmp_path / "eager", load_pack(tiny_pack), "cpu")
 
 
 def test_on_the_fly_backend_builds_into_cache_and_reuses_it(gen_kwargs, tmp_path, monkeypatch):
