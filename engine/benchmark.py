@@ -19,7 +19,10 @@ End to end calls the real `run_generate` into a temporary folder with the same s
 is the run summary's (model loading excluded). The naive baseline drives the same pack the way a
 diffusers pipeline would: a small batch per call, a diffusers scheduler loop calling the denoiser twice
 for CFG (cond, then uncond), then VAE decode, re-encode for the score, PIL encode and tar write, all in
-sequence. Both produce the same work per image, so their ratio is the speed-up of the engine.
+sequence. Both produce the same work per image, so their ratio is the speed-up of the engine. The naive
+loop runs eager PyTorch in the run dtype unless `--naive-dtype` names another one (fp32: a diffusers
+pipeline's default), so the ratio either isolates what scheduling and engines buy (same dtype) or also
+counts the precision choice.
 
 FLOPs per image come from `synthgen.flops` (counted on the meta device); the share of peak divides the
 achieved FLOP/s by a square matmul measured in the same process, in fp32 and in the run dtype.
@@ -85,6 +88,7 @@ class BenchConfig:
     cfg: float = 2.0  # guidance on: the denoiser then runs cond + uncond, the common generation setting
     n: int = 128  # images per end-to-end run (synthgen and naive)
     naive_batch: int = 4
+    naive_dtype: str | None = None  # None: the run dtype
     repeats: int = 5
     warmup: int = 1
     e2e_repeats: int = 1
@@ -107,6 +111,7 @@ class BenchConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise UsageError(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
         for option, value, allowed in (("--backend", self.backend, BACKENDS), ("--dtype", self.dtype, DTYPES),
+                                       ("--naive-dtype", self.naive_dtype or self.dtype, DTYPES),
                                        ("--device", self.device, DEVICES), ("--sampler", self.sampler, SAMPLERS),
                                        ("--format", self.format, FORMATS)):
             if value not in allowed:
@@ -150,6 +155,7 @@ class EndToEnd:
     fraction_of_denoise_only: float
     naive_images_per_s: float
     naive_batch: int
+    naive_dtype: str  # the naive loop runs eager PyTorch in this dtype
     ratio_vs_naive: float  # synthgen / naive
     gflop_per_img: float
     share_of_peak: float
@@ -465,11 +471,12 @@ def naive_call(pack, cond: torch.Tensor, cfg: BenchConfig, steps: int, gen: torc
                 device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """One pipeline call, diffusers style: cond (b, D) float32 -> ((b, H, W, 3) uint8, (b,) scores).
 
-    The denoiser runs twice per step under CFG (cond, then uncond), the scheduler steps in Python.
+    The denoiser runs twice per step under CFG (cond, then uncond), the scheduler steps in Python. The
+    networks run in the dtype `pack` was loaded in.
     """
     from synthgen.filtering import cosine_scores
 
-    dtype, b = TORCH_DTYPES[cfg.dtype], cond.shape[0]
+    dtype, b = next(pack.denoiser.parameters()).dtype, cond.shape[0]
     scheduler = diffusers_scheduler(cfg.sampler, pack.config.schedule)
     scheduler.set_timesteps(steps, device=device)
     flow = pack.config.schedule.prediction_type == "flow"
@@ -616,7 +623,10 @@ def _measure(cfg, pack_dir, bank_dir, images_spec, work, device, peaks, log) -> 
     log("image encode and write ...")
     # As many samples as one shard of the end-to-end run holds, so the shard's fsync is amortized alike.
     result.stages += io_stages(generated, cfg, work, min(cfg.n, GEN["shard_size"].default), device)
-    result.end_to_end = _end_to_end(cfg, pack, inputs, pack_dir, bank_dir, work, device, flops, peak, staged, log)
+    naive_dtype = cfg.naive_dtype or cfg.dtype
+    naive = pack if naive_dtype == cfg.dtype else load_pack(pack_dir, device=device,
+                                                            dtype=TORCH_DTYPES[naive_dtype])
+    result.end_to_end = _end_to_end(cfg, naive, inputs, pack_dir, bank_dir, work, device, flops, peak, staged, log)
     return result
 
 
@@ -634,10 +644,12 @@ def _stage_pack(pack_dir: Path, eager, cfg: BenchConfig, batch: int, device, res
     return pack
 
 
-def _end_to_end(cfg, pack, inputs, pack_dir, bank_dir, work, device, flops, peak, staged, log) -> list[EndToEnd]:
+def _end_to_end(cfg, naive_pack, inputs, pack_dir, bank_dir, work, device, flops, peak, staged,
+                log) -> list[EndToEnd]:
     """Rows of (steps, batch). A row's numbers are measured back to back (naive for these steps, then per
     batch synthgen and its denoise-only ceiling), so load drifting on a shared machine moves whole rows
-    rather than the ratios within one."""
+    rather than the ratios within one. `naive_pack`: eager, in the naive dtype."""
+    pack, naive_dtype = naive_pack, cfg.naive_dtype or cfg.dtype
     run_naive(pack, inputs, _with_n(cfg, cfg.naive_batch), min(cfg.steps), work / "naive", device)  # warm-up
     for batch in cfg.batches:
         run_e2e(pack_dir, bank_dir, cfg, min(cfg.steps), batch, batch, work / "warm")  # first-call costs
@@ -657,7 +669,7 @@ def _end_to_end(cfg, pack, inputs, pack_dir, bank_dir, work, device, flops, peak
             ips, only = images / seconds, batch / statistics.median(step_times) / steps
             f = image_flops(flops, steps, cfg.cfg)
             rows.append(EndToEnd(steps, batch, images, ips, seconds, wall, only, ips / only, naive,
-                                 cfg.naive_batch, ips / naive, f / 1e9, f * ips / peak))
+                                 cfg.naive_batch, naive_dtype, ips / naive, f / 1e9, f * ips / peak))
     return rows
 
 
@@ -701,7 +713,7 @@ def table_lines(r: BenchResult) -> list[str]:
     lines += [
         "",
         f"end to end: {c['n']} images per run (synthgen run_generate vs naive diffusers-style loop at batch "
-        f"{c['naive_batch']})",
+        f"{c['naive_batch']}, eager {c.get('naive_dtype') or c['dtype']})",
         f"{'steps':>5} {'batch':>5} {'synthgen/s':>11} {'denoise-only/s':>15} {'e2e/denoise':>12} "
         f"{'naive/s':>9} {'synthgen/naive':>15} {'GFLOP/img':>10} {'% peak':>7}",
     ]
@@ -757,7 +769,7 @@ def write_plot(r: BenchResult, path: Path) -> str:
         right.plot([x.steps for x in rows], [x.images_per_s for x in rows], marker="o", label=f"synthgen b{batch}")
     rows = [x for x in r.end_to_end if x.batch == r.config["batches"][0]]
     right.plot([x.steps for x in rows], [x.naive_images_per_s for x in rows], marker="x", ls="--",
-               label=f"naive b{r.config['naive_batch']}")
+               label=f"naive b{r.config['naive_batch']} {rows[0].naive_dtype if rows else ''}")
     right.set(xscale="log", yscale="log", xlabel="steps", ylabel="images/s", title="end to end vs steps",
               xticks=list(r.config["steps"]), xticklabels=[str(s) for s in r.config["steps"]])
     for ax in (left, right):

@@ -366,6 +366,9 @@ def bench(
     cfg: float = typer.Option(_bench("cfg"), min=0.0, help="Guidance scale (1 = off: one denoiser row per image)."),
     n: str = typer.Option(_bench("n"), "--n", help="Images per end-to-end run (synthgen and naive)."),
     naive_batch: int = typer.Option(_bench("naive_batch"), min=1, help="Images per call of the naive baseline."),
+    naive_dtype: Optional[str] = typer.Option(None, help="Precision of the naive baseline's eager PyTorch "
+                                              "(default: --dtype, so the ratio isolates batching, engines and "
+                                              "overlap; fp32 is a diffusers pipeline's default)."),
     repeats: int = typer.Option(_bench("repeats"), min=1, help="Timed repeats per stage (the median is reported)."),
     e2e_repeats: int = typer.Option(_bench("e2e_repeats"), min=1, help="Timed end-to-end runs per setting (median)."),
     matmul_size: int = typer.Option(_bench("matmul_size"), min=16, help="Side of the square matmul that measures "
@@ -416,7 +419,7 @@ def bench(
 
     config = BenchConfig(
         pack=pack, preset=preset, images=images, backend=backend, dtype=dtype, device=device, sampler=sampler,
-        steps=steps, batches=batch, cfg=cfg, n=n, naive_batch=naive_batch, repeats=repeats,
+        steps=steps, batches=batch, cfg=cfg, n=n, naive_batch=naive_batch, naive_dtype=naive_dtype, repeats=repeats,
         e2e_repeats=e2e_repeats, matmul_size=matmul_size,
     )
     result = run_bench(config, log=lambda line: typer.echo(line, err=True), argv=_typed_options(ctx))

@@ -32,7 +32,8 @@ def test_bench_tiny_preset_writes_table_json_and_markdown(tmp_path):
     out, md, png = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
     result = runner.invoke(app, [
         "bench", "--preset", "tiny", "--steps", "1,2", "--batch", "4", "--n", "8", "--naive-batch", "2",
-        "--repeats", "1", "--matmul-size", "128", "--json", str(out), "--md", str(md), "--plot", str(png),
+        "--repeats", "1", "--matmul-size", "128", "--naive-dtype", "bf16", "--json", str(out), "--md", str(md),
+        "--plot", str(png),
     ])
     assert result.exit_code == 0, result.output
     for header in ("stage", "images/s", "denoise_step", "synthgen/naive", "peak"):
@@ -48,6 +49,8 @@ def test_bench_tiny_preset_writes_table_json_and_markdown(tmp_path):
     for e in doc["end_to_end"]:
         assert math.isfinite(e["ratio_vs_naive"]) and e["ratio_vs_naive"] > 0
         assert e["n"] == 8 and e["naive_batch"] == 2 and e["gflop_per_img"] > 0 and e["share_of_peak"] > 0
+        assert e["naive_dtype"] == "bf16"  # the run itself stays fp32
+    assert "naive diffusers-style loop at batch 2, eager bf16" in result.output
     env = doc["environment"]
     assert env["versions"]["torch"] and env["torch_threads"] >= 1 and env["dtype"] == "fp32"
     assert env["device"]["type"] == "cpu" and env["cpu_cores"] >= 1 and len(env["load_avg_end"]) == 3
@@ -67,6 +70,7 @@ def test_bench_tiny_preset_writes_table_json_and_markdown(tmp_path):
     (["--preset", "tiny", "--pack", "p"], "--pack or --preset"),
     (["--backend", "fast"], "--backend 'fast'"),
     (["--n", "ten"], "--n 'ten'"),
+    (["--naive-dtype", "fp8"], "--naive-dtype 'fp8' is not one of"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(monkeypatch, capsys, args, message):
     code, err = run_main(monkeypatch, capsys, "bench", *args)
