@@ -7,7 +7,7 @@ For each (component, batch) every configuration sees the same random inputs; the
 fp32 at that batch, the error is max|y - y_eager_fp32| / max|y_eager_fp32|. Median of --repeats after one
 warm-up call; build (export / compile) time is reported apart. FLOP/img comes from synthgen.flops and the
 share of peak uses a bf16 / fp32 2048^3 matmul measured in the same run. Writes a table and
-bench/results/backends_<device>.json + .md.
+bench/results/backends_<device>.json + .md (device: cuda, or cpu_<isa> such as cpu_avx512bf16).
 """
 
 from __future__ import annotations
@@ -141,11 +141,20 @@ def main() -> None:
             f"--{k.replace('_', '-')} '{v}'" for k, v in vars(args).items() if v is not None),
         "rows": rows,
     }
-    out = args.out or RESULTS / f"backends_{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    out = args.out or RESULTS / f"backends_{_machine_tag()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     out.with_suffix(".md").write_text(_markdown(doc))
     print(_markdown(doc))
+
+
+def _machine_tag() -> str:
+    """cuda, or cpu_avx512bf16 / cpu_avx512 / cpu_avx2: CPU results differ by ISA more than by anything else."""
+    if torch.cuda.is_available():
+        return "cuda"
+    isa = device_info("cpu")["isa"]
+    return "cpu_" + ("avx512bf16" if cpu_native_bf16() else "avx512" if "avx512f" in isa else
+                     "avx2" if "avx2" in isa else "generic")
 
 
 def _line(r: dict) -> str:
