@@ -158,7 +158,8 @@ def generate(
     format: str = typer.Option(_default("format"), help=" | ".join(FORMATS)),
     quality: int = typer.Option(_default("quality"), min=1, max=100, help="JPEG/WebP quality."),
     save_cond: bool = typer.Option(_default("save_cond"), help="Also store each condition as float16 .npy."),
-    dtype: str = typer.Option(_default("dtype"), help=" | ".join(DTYPES) + " (bf16 is ~4x fp32 on AVX-512 CPUs)."),
+    dtype: str = typer.Option(_default("dtype"), help=" | ".join(DTYPES) + " (on CPUs with AVX512-BF16 or AMX, "
+                                "bf16 runs 2.5-3x fp32; without them it is emulated and slower)."),
     batch: int = typer.Option(_default("batch"), min=1, help="Samples per denoiser batch (never changes images)."),
     batch_buckets: Optional[str] = typer.Option(None, help="Static batch sizes chunks are padded up to, e.g. "
                                                 "8,32,128 (default: powers of two up to the largest batch)."),
@@ -169,6 +170,9 @@ def generate(
                                                  "cores, 2 to 8)."),
     image_encoder: str = typer.Option(_default("image_encoder"), help="auto | simplejpeg | pillow | nvjpeg: the "
                                       "JPEG encoder (auto: nvjpeg on CUDA, else simplejpeg, else Pillow)."),
+    overlap: str = typer.Option(_default("overlap"), help="auto | thread | inline: run the denoiser, VAE and "
+                                "filter in a device thread that works ahead (auto: on CUDA) or in the calling "
+                                "thread (auto: on CPU, where a second torch thread slows every op)."),
     device: str = typer.Option(_default("device"), help=" | ".join(DEVICES)),
     shards: Optional[str] = typer.Option(None, help="Only shards A:B (half-open), e.g. for a SLURM array."),
     overwrite: bool = typer.Option(False, help="Delete this folder's shards and start afresh (default: resume)."),
@@ -219,6 +223,7 @@ def generate(
         progress=progress, engine=engine, backend=backend, executor=executor, workers=workers, address=address,
         gpus_per_worker=gpus_per_worker, batch_buckets=batch_buckets, decode_batch=decode_batch,
         filter_batch=filter_batch, encode_workers=encode_workers, image_encoder=image_encoder, staging=staging,
+        overlap=overlap,
     )
     try:
         summary = run_generate(config)

@@ -24,6 +24,11 @@ FORMATS = ("jpg", "webp", "png")
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("eager", "compile", "ort", "trt", "auto")
+# Where the device stages run: "thread" = a device thread computes ahead while the calling thread decides
+# and writes; "inline" = the calling thread computes each batch when it needs it. "auto" = thread on CUDA,
+# inline on the CPU: there a second thread running torch starts a second OpenMP team on the same cores,
+# and libgomp then throttles its spin-waits, which measured 25-50 % slower per forward (pipeline.py).
+OVERLAPS = ("auto", "thread", "inline")
 # Execution settings: changing them never changes which image a sample id gets. `engine` / `backend`
 # run the same networks through another runtime: images match the eager run within the error the engine
 # recorded against eager when it was built (manifest.json), not bitwise. `image_encoder` picks the JPEG
@@ -32,7 +37,7 @@ BACKENDS = ("eager", "compile", "ort", "trt", "auto")
 EXECUTION_FIELDS = (
     "out", "pack", "bank", "batch", "device", "shards", "overwrite", "progress", "engine", "backend",
     "executor", "workers", "address", "gpus_per_worker", "batch_buckets", "decode_batch", "filter_batch",
-    "encode_workers", "image_encoder", "staging",
+    "encode_workers", "image_encoder", "staging", "overlap",
 )
 EXECUTORS = ("local", "ray")
 
@@ -124,6 +129,7 @@ class GenerateConfig:
     address: str | None = None  # Ray cluster address ("auto": the running one); None starts a local Ray
     gpus_per_worker: float | None = None  # Ray: GPUs per actor; None: 1 when the cluster has GPUs, else 0
     staging: Path | None = None  # URL --out: local folder shards are written in before upload; None: a temp dir
+    overlap: str = "auto"  # device stages in a device thread (CUDA) or inline in the calling thread (CPU)
 
     def __post_init__(self):
         object.__setattr__(self, "n", parse_count(self.n))
@@ -141,6 +147,7 @@ class GenerateConfig:
         _choice("--backend", self.backend, BACKENDS)
         _choice("--executor", self.executor, EXECUTORS)
         _choice("--image-encoder", self.image_encoder, IMAGE_ENCODERS)
+        _choice("--overlap", self.overlap, OVERLAPS)
         if self.workers is not None:
             _at_least("--workers", self.workers, 1)
         if self.gpus_per_worker is not None and not (math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):

@@ -2,7 +2,7 @@
 
 Data flows one way, through three kinds of workers joined by bounded queues:
 
-  device thread   plan(ids) -> conditions + noise (pure functions of run seed and id) -> sample() with
+  device stage    plan(ids) -> conditions + noise (pure functions of run seed and id) -> sample() with
                   CFG on the representation -> VAE decode -> re-encode and score, each stage in bucketed
                   chunks of its own size (scheduler.py) -> NaN/Inf rows retried once in higher precision
                   -> one transfer per batch -> queue (at most QUEUE_DEPTH batches ahead)
@@ -13,6 +13,13 @@ Data flows one way, through three kinds of workers joined by bounded queues:
 So the device works on batch i+1 while the pool encodes and the calling thread writes batch i, and memory
 is bounded by the queue depths, never by --n. A shard is the unit of work: `generate_shard` needs only
 the engine, the config and the shard index.
+
+The device stage runs in its own thread on CUDA (it mostly queues kernels, so the host work overlaps) and
+inline in the calling thread on the CPU (`--overlap`). On the CPU the device stage IS the cores: torch in
+a second Python thread starts a second OpenMP team beside the one model loading created, libgomp then
+throttles its spin-waits because it manages more threads than there are cores, and every forward of
+the small preset measured 25-50 % slower (2 cores, torch 2.14, libgomp) -- far more than overlapping
+encode and write (well under 1 % of a batch there) can win back. The encoder pool still overlaps.
 """
 
 from __future__ import annotations
@@ -303,6 +310,38 @@ class _Failed:
     exc: BaseException
 
 
+class InlineStream:
+    """A shard's candidates in id order, each batch computed in the calling thread when `next()` asks for
+    it; the same interface as CandidateStream (no look-ahead, nothing to stop)."""
+
+    def __init__(self, engine: Engine, first_id: int, budget: int) -> None:
+        self.engine, self.first_id, self.budget = engine, first_id, budget
+        self._limit = self._done = 0
+
+    def want(self, upto: int) -> None:
+        self._limit = max(self._limit, min(upto, self.budget))
+
+    def next(self) -> BatchResult:
+        if self._done >= self._limit:
+            raise RuntimeError(f"next() past the wanted candidates ({self._limit}); call want() first")
+        stop = min(self._limit, self._done + self.engine.sizes.unit)
+        ids = self.first_id + np.arange(self._done, stop, dtype=np.int64)
+        batch = generate_batch(self.engine, ids)
+        self._done = stop
+        return batch
+
+    def close(self) -> None:
+        pass
+
+
+def open_stream(engine: Engine, first_id: int, budget: int) -> "InlineStream | CandidateStream":
+    """The shard's candidate stream for `engine.cfg.overlap` (auto: a device thread on CUDA only)."""
+    overlap = engine.cfg.overlap
+    if overlap == "auto":
+        overlap = "thread" if engine.device.type == "cuda" else "inline"
+    return (CandidateStream if overlap == "thread" else InlineStream)(engine, first_id, budget)
+
+
 class CandidateStream:
     """A shard's candidates in id order, computed by a background device thread in batches of
     `engine.sizes.unit` rows, at most QUEUE_DEPTH batches ahead of the consumer.
@@ -507,7 +546,7 @@ def _write_shard(engine: Engine, shard: int, run_dir: Path, encoders, on_images)
     with ExitStack() as stack:  # on any error, in reverse: stop the device, drop the tmp file, stop the pool
         pool = encoders or stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="encode"))
         writer = stack.enter_context(ShardWriter(run_dir, shard))
-        stream = CandidateStream(engine, shard * budget, budget)
+        stream = open_stream(engine, shard * budget, budget)
         stack.callback(stream.close)
         out = OrderedWriter(engine, writer, pool, workers)
         while counts["count"] < target and (received < budget or pending.rows):

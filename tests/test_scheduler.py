@@ -274,7 +274,32 @@ def test_nan_rows_that_stay_nan_are_dropped_and_counted(gen_kwargs):
 # ---- overlap: failures surface, memory stays bounded -------------------------------------------------
 
 
-def test_an_encoder_failure_fails_the_run_loudly(gen_kwargs, monkeypatch):
+def test_overlap_auto_is_inline_on_cpu_and_a_device_thread_when_asked(gen_kwargs):
+    from synthgen.pipeline import CandidateStream, InlineStream, open_stream
+
+    for overlap, kind in (("auto", InlineStream), ("inline", InlineStream), ("thread", CandidateStream)):
+        engine = load_engine(GenerateConfig(**gen_kwargs, overlap=overlap))
+        stream = open_stream(engine, 0, 10)
+        try:
+            assert isinstance(stream, kind), overlap
+            stream.want(10)
+            assert len(stream.next().scores) == 8 and len(stream.next().scores) == 2  # unit 8, then the rest
+        finally:
+            stream.close()
+    with pytest.raises(RuntimeError, match="past the wanted candidates"):
+        InlineStream(engine, 0, 10).next()
+
+
+def test_device_thread_and_inline_write_the_same_bytes(gen_kwargs, reference, tmp_path):
+    kw = {**gen_kwargs, "out": tmp_path / "threaded", "overlap": "thread"}
+    run_generate(GenerateConfig(**kw))
+    assert shard_bytes(kw["out"]) == reference  # the reference ran inline (auto on this CPU)
+    with pytest.raises(UsageError, match="--overlap 'both' is not one of"):
+        GenerateConfig(**{**gen_kwargs, "overlap": "both"})
+
+
+@pytest.mark.parametrize("overlap", ["inline", "thread"])
+def test_an_encoder_failure_fails_the_run_loudly(gen_kwargs, monkeypatch, overlap):
     import synthgen.pipeline as pipeline
 
     real, calls = pipeline.encode_image, []
@@ -287,18 +312,19 @@ def test_an_encoder_failure_fails_the_run_loudly(gen_kwargs, monkeypatch):
 
     monkeypatch.setattr(pipeline, "encode_image", flaky)
     with pytest.raises(OSError, match="encoder worker died"):
-        run_generate(GenerateConfig(**gen_kwargs))
+        run_generate(GenerateConfig(**gen_kwargs, overlap=overlap))
     run_dir = gen_kwargs["out"]
     assert stats_path(run_dir, 0).exists() and not shard_path(run_dir, 1).exists()
     assert not list(run_dir.glob("*.tmp"))
 
 
-def test_a_device_failure_fails_the_run_loudly(gen_kwargs, tmp_path):
+@pytest.mark.parametrize("overlap", ["inline", "thread"])
+def test_a_device_failure_fails_the_run_loudly(gen_kwargs, tmp_path, overlap):
     class Broken(nn.Module):
         def forward(self, x, t, cond):
             raise ValueError("bad kernel")
 
-    engine = load_engine(GenerateConfig(**{**gen_kwargs, "out": tmp_path / "broken"}))
+    engine = load_engine(GenerateConfig(**{**gen_kwargs, "out": tmp_path / "broken", "overlap": overlap}))
     engine.pack.denoiser = Broken()
     with pytest.raises(ValueError, match="bad kernel"):
         run_with(engine, [0])
