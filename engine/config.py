@@ -27,7 +27,7 @@ BACKENDS = ("eager", "compile", "ort", "trt", "auto")
 # Where the device stages run: "thread" = a device thread computes ahead while the calling thread decides
 # and writes; "inline" = the calling thread computes each batch when it needs it. "auto" = thread on CUDA,
 # inline on the CPU: there a second thread running torch starts a second OpenMP team on the same cores,
-# and libgomp then throttles its spin-waits, which measured 25-50 % slower per forward (pipeline.py).
+# and libgomp then throttles its spin-waits (bf16 at batch 8: inline 1.76x the thread; pipeline.py).
 OVERLAPS = ("auto", "thread", "inline")
 # Execution settings: changing them never changes which image a sample id gets. `engine` / `backend`
 # run the same networks through another runtime: images match the eager run within the error the engine

@@ -16,10 +16,12 @@ the engine, the config and the shard index.
 
 The device stage runs in its own thread on CUDA (it mostly queues kernels, so the host work overlaps) and
 inline in the calling thread on the CPU (`--overlap`). On the CPU the device stage IS the cores: torch in
-a second Python thread starts a second OpenMP team beside the one model loading created, libgomp then
-throttles its spin-waits because it manages more threads than there are cores, and every forward of
-the small preset measured 25-50 % slower (2 cores, torch 2.14, libgomp) -- far more than overlapping
-encode and write (well under 1 % of a batch there) can win back. The encoder pool still overlaps.
+a second Python thread starts a second OpenMP team beside the one model loading created, and libgomp,
+now managing more threads than there are cores, throttles its spin-waits, so each of the many short
+parallel regions of a small bf16 forward waits for sleeping workers. bench/bench_overlap.py (2 cores,
+small preset, fresh process per run): bf16 batch 8 inline 1.76x the device thread; batch 32 and fp32
+within noise (0.96-1.04x). Overlapping encode and write cannot win that back on the CPU (they are well
+under 1 % of a batch there); the encoder pool still runs beside the calling thread.
 """
 
 from __future__ import annotations
