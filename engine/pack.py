@@ -243,7 +243,11 @@ def load_pack(
 
     def load(component: str, build) -> nn.Module:
         state = _load_state(weights_file(root, config, component), component)
-        return materialize(build, state, component).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        module = materialize(build, state, component)
+        # diffusers' ModelMixin.to() warns on every dtype cast, even for a class whose list of fp32-only
+        # modules is empty (AutoencoderKL); nn.Module.to is the same cast. A non-empty list keeps the warning.
+        cast = nn.Module.to if not getattr(module, "_keep_in_fp32_modules", None) else type(module).to
+        return cast(module, device=device, dtype=dtype).eval().requires_grad_(False)
 
     encoder = denoiser = vae = None
     if "encoder" in components:

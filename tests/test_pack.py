@@ -46,6 +46,15 @@ def test_bf16_pack_runs(tiny_pack):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+def test_a_bf16_load_of_a_diffusers_vae_is_quiet_and_in_bf16(tmp_path, capfd):
+    write_random_pack("tiny-unet", tmp_path / "p", seed=0)  # AutoencoderKL: no fp32-only modules
+    capfd.readouterr()
+    pack = load_pack(tmp_path / "p", dtype=torch.bfloat16)
+    assert "should be kept in float32" not in capfd.readouterr().err
+    assert {p.dtype for p in pack.vae.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pack.denoiser.parameters()} == {torch.bfloat16}
+
+
 @pytest.fixture
 def pack_copy(tiny_pack, tmp_path):
     import shutil
