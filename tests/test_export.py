@@ -92,6 +92,22 @@ def test_onnx_files_have_named_io_and_pass_checker(ort_engines):
         assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch axis
 
 
+def test_export_simplifies_the_traced_graph_without_changing_outputs(packs, tmp_path):
+    import onnxruntime as ort
+
+    from synthgen.export.onnx_export import export_onnx
+
+    pack = load_pack(packs["tiny-unet"])
+    example = random_inputs(pack.config, "denoiser", 2, 0, "cpu")
+    paths = {flag: export_onnx(pack.denoiser, example, tmp_path / f"d{flag}.onnx", ["x", "t", "cond"], ["out"],
+                               exporter="torchscript", simplify_graph=flag) for flag in (False, True)}
+    nodes = {flag: len(onnx.load(str(p)).graph.node) for flag, p in paths.items()}
+    assert nodes[True] < 0.8 * nodes[False], nodes
+    feeds = {n: x.numpy() for n, x in zip(("x", "t", "cond"), random_inputs(pack.config, "denoiser", 3, 5, "cpu"))}
+    raw, simple = (ort.InferenceSession(str(paths[f])).run(None, feeds)[0] for f in (False, True))
+    np.testing.assert_array_equal(raw, simple)
+
+
 def test_small_denoiser_ort_fp32(packs, tmp_path):
     manifest = build_engine(packs["small"], tmp_path / "e", "ort", "fp32", batch=2, components=("denoiser",))
     assert list(manifest.components) == ["denoiser"]
