@@ -7,9 +7,10 @@
 
 For each (component, batch) every configuration sees the same random inputs; the ratio is against
 `--baseline` (eager fp32 unless told) at that batch, the error is max|y - y_eager_fp32| / max|y_eager_fp32|.
-A configuration that cannot run here (no TensorRT, no CUDA execution provider) is a "skipped" row saying why. Median of --repeats after one
-warm-up call; build (export / compile) time is reported apart. FLOP/img comes from synthgen.flops and the
-share of peak uses a bf16 / fp32 2048^3 matmul measured in the same run. Writes a table and
+A configuration that cannot run here (no TensorRT, no CUDA execution provider) is a "skipped" row saying
+why. Median of --repeats after one warm-up call; build (export / compile) time is reported apart.
+FLOP/img comes from synthgen.flops and the share of peak uses the fastest square matmul per precision
+measured in the same run (2048^3 on a CPU, 8192^3 on a GPU). Writes a table and
 bench/results/backends_<device>.json + .md (device: cuda, or cpu_<isa> such as cpu_avx512bf16).
 """
 
@@ -30,7 +31,7 @@ from synthgen.benchmark import matmul_peak
 from synthgen.engines import COMPONENT_IO, random_inputs
 from synthgen.errors import UsageError
 from synthgen.export.backends import (
-    BackendUnavailable, CompiledBackend, EagerBackend, OrtBackend, aot_compile, median_seconds, ort_session,
+    TORCH_DTYPES, BackendUnavailable, CompiledBackend, EagerBackend, OrtBackend, aot_compile, median_seconds, ort_session,
     output_error, unavailable_reason,
 )
 from synthgen.export.manifest import cpu_native_bf16, device_info, library_versions
@@ -46,7 +47,7 @@ def build(config_name: str, pack, component: str, batch: int, work: Path, device
     backend, precision = config_name.split()
     module = getattr(pack, component)
     io = COMPONENT_IO[component]
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = TORCH_DTYPES[precision]
     start = time.perf_counter()
     if backend == "eager":
         low = module if dtype == torch.float32 else copy.deepcopy(module).to(dtype)
@@ -108,9 +109,8 @@ def main() -> None:
     flops = {c.name: c.flops for c in pack_costs(pack.config)}
     # Fastest of several 2048^3 matmuls after a warm-up: a single cold call measures thread start-up, not
     # the machine (an earlier version of this file did that and reported shares of "peak" above 100 %).
-    size = 8192 if device.type == "cuda" else 2048
-    peaks = {p: matmul_peak(d, size, device) for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16),
-                                                            ("fp16", torch.float16)) if device.type == "cuda" or p != "fp16"}
+    size, precisions = (8192, ("fp32", "bf16", "fp16")) if device.type == "cuda" else (2048, ("fp32", "bf16"))
+    peaks = {p: matmul_peak(TORCH_DTYPES[p], size, device) for p in precisions}
     rows = []
     for component in args.components.split(","):
         if getattr(pack, component, None) is None:
@@ -165,16 +165,16 @@ def main() -> None:
             f"--{k.replace('_', '-')} '{v}'" for k, v in vars(args).items() if v is not None),
         "rows": rows,
     }
-    out = args.out or RESULTS / f"backends_{_machine_tag()}.json"
+    out = args.out or RESULTS / f"backends_{_machine_tag(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     out.with_suffix(".md").write_text(_markdown(doc))
     print(_markdown(doc))
 
 
-def _machine_tag() -> str:
+def _machine_tag(device: torch.device) -> str:
     """cuda, or cpu_avx512bf16 / cpu_avx512 / cpu_avx2: CPU results differ by ISA more than by anything else."""
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         return "cuda"
     isa = device_info("cpu")["isa"]
     return "cpu_" + ("avx512bf16" if cpu_native_bf16() else "avx512" if "avx512f" in isa else

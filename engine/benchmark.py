@@ -111,7 +111,7 @@ class BenchConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise UsageError(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
         for option, value, allowed in (("--backend", self.backend, BACKENDS), ("--dtype", self.dtype, DTYPES),
-                                       ("--naive-dtype", self.naive_dtype or self.dtype, DTYPES),
+                                       ("--naive-dtype", self.naive_precision, DTYPES),
                                        ("--device", self.device, DEVICES), ("--sampler", self.sampler, SAMPLERS),
                                        ("--format", self.format, FORMATS)):
             if value not in allowed:
@@ -125,6 +125,11 @@ class BenchConfig:
             raise UsageError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {self.cfg}")
         if not 1 <= self.quality <= 100:
             raise UsageError(f"--quality must be in [1, 100], got {self.quality}")
+
+    @property
+    def naive_precision(self) -> str:
+        """The dtype the naive loop runs in: --naive-dtype, else the run's own."""
+        return self.naive_dtype or self.dtype
 
 
 # ---- Results -----------------------------------------------------------------------------------------
@@ -623,9 +628,8 @@ def _measure(cfg, pack_dir, bank_dir, images_spec, work, device, peaks, log) -> 
     log("image encode and write ...")
     # As many samples as one shard of the end-to-end run holds, so the shard's fsync is amortized alike.
     result.stages += io_stages(generated, cfg, work, min(cfg.n, GEN["shard_size"].default), device)
-    naive_dtype = cfg.naive_dtype or cfg.dtype
-    naive = pack if naive_dtype == cfg.dtype else load_pack(pack_dir, device=device,
-                                                            dtype=TORCH_DTYPES[naive_dtype])
+    naive = pack if cfg.naive_precision == cfg.dtype else load_pack(
+        pack_dir, device=device, dtype=TORCH_DTYPES[cfg.naive_precision])
     result.end_to_end = _end_to_end(cfg, naive, inputs, pack_dir, bank_dir, work, device, flops, peak, staged, log)
     return result
 
@@ -644,12 +648,10 @@ def _stage_pack(pack_dir: Path, eager, cfg: BenchConfig, batch: int, device, res
     return pack
 
 
-def _end_to_end(cfg, naive_pack, inputs, pack_dir, bank_dir, work, device, flops, peak, staged,
-                log) -> list[EndToEnd]:
+def _end_to_end(cfg, pack, inputs, pack_dir, bank_dir, work, device, flops, peak, staged, log) -> list[EndToEnd]:
     """Rows of (steps, batch). A row's numbers are measured back to back (naive for these steps, then per
     batch synthgen and its denoise-only ceiling), so load drifting on a shared machine moves whole rows
-    rather than the ratios within one. `naive_pack`: eager, in the naive dtype."""
-    pack, naive_dtype = naive_pack, cfg.naive_dtype or cfg.dtype
+    rather than the ratios within one. `pack`: the eager pack the naive loop drives, in its dtype."""
     run_naive(pack, inputs, _with_n(cfg, cfg.naive_batch), min(cfg.steps), work / "naive", device)  # warm-up
     for batch in cfg.batches:
         run_e2e(pack_dir, bank_dir, cfg, min(cfg.steps), batch, batch, work / "warm")  # first-call costs
@@ -669,7 +671,7 @@ def _end_to_end(cfg, naive_pack, inputs, pack_dir, bank_dir, work, device, flops
             ips, only = images / seconds, batch / statistics.median(step_times) / steps
             f = image_flops(flops, steps, cfg.cfg)
             rows.append(EndToEnd(steps, batch, images, ips, seconds, wall, only, ips / only, naive,
-                                 cfg.naive_batch, naive_dtype, ips / naive, f / 1e9, f * ips / peak))
+                                 cfg.naive_batch, cfg.naive_precision, ips / naive, f / 1e9, f * ips / peak))
     return rows
 
 

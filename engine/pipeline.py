@@ -10,7 +10,7 @@ Data flows one way, through three kinds of workers joined by bounded queues:
                   encoded samples in decision order, at most ENCODE_DEPTH groups behind -> commit
   encoder pool    JPEG (nvJPEG, simplejpeg or Pillow), WebP, PNG
 
-So the device works on batch i+1 while the pool encodes and the calling thread writes batch i, and memory
+So on CUDA the device works on batch i+1 while the pool encodes and the calling thread writes batch i, and memory
 is bounded by the queue depths, never by --n. A shard is the unit of work: `generate_shard` needs only
 the engine, the config and the shard index.
 

@@ -53,12 +53,6 @@ def export_onnx(
                                opset, simplify_graph)
         except (torch.onnx.errors.OnnxExporterError, RuntimeError):
             exporter = "dynamo"
-    if exporter == "torchscript" and simplify_graph:
-        export_onnx(module, example_inputs, path, input_names, output_names, dynamic_batch, exporter, opset,
-                    simplify_graph=False)
-        simplify(path)
-        check_onnx(path)
-        return path
     was_training = module.training
     module.eval()
     try:
@@ -83,6 +77,8 @@ def export_onnx(
                 )
     finally:
         module.train(was_training)
+    if exporter == "torchscript" and simplify_graph:
+        simplify(path)
     check_onnx(path)
     return path
 
