@@ -17,9 +17,9 @@ Every stage is timed alone on the same loaded pack, warm-up calls excluded, as t
 
 End to end calls the real `run_generate` into a temporary folder with the same settings; its images/s
 is the run summary's (model loading excluded). The naive baseline drives the same pack the way a
-diffusers pipeline would: a small batch per call, a diffusers scheduler loop calling the denoiser twice
-for CFG (cond, then uncond), then VAE decode, re-encode for the score, PIL encode and tar write, all in
-sequence. Both produce the same work per image, so their ratio is the speed-up of the engine. The naive
+diffusers pipeline would: a small batch per call, a diffusers scheduler loop calling the denoiser once
+per step on the uncond and cond rows stacked (as diffusers batches CFG), then VAE decode, re-encode for
+the score, PIL encode and tar write, all in sequence. Both produce the same work per image, so their ratio is the speed-up of the engine. The naive
 loop runs eager PyTorch in the run dtype unless `--naive-dtype` names another one (fp32: a diffusers
 pipeline's default), so the ratio either isolates what scheduling and engines buy (same dtype) or also
 counts the precision choice.
@@ -87,6 +87,8 @@ class BenchConfig:
     batches: tuple[int, ...] = (8, 32)
     cfg: float = 2.0  # guidance on: the denoiser then runs cond + uncond, the common generation setting
     n: int = 128  # images per end-to-end run (synthgen and naive)
+    decode_batch: int | None = None  # end to end: VAE decode rows per chunk; None: the --batch of the row
+    filter_batch: int | None = None  # end to end: filter-encoder rows per chunk; None: the --batch of the row
     naive_batch: int = 4
     naive_dtype: str | None = None  # None: the run dtype
     repeats: int = 5
@@ -106,6 +108,9 @@ class BenchConfig:
             if not value or not all(isinstance(v, int) and v >= 1 for v in value):
                 raise UsageError(f"{option} needs integers >= 1, got {value!r}")
             object.__setattr__(self, name, value)
+        for option, value in (("--decode-batch", self.decode_batch), ("--filter-batch", self.filter_batch)):
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise UsageError(f"{option} needs an integer >= 1, got {value!r}")
         if self.pack is not None and self.preset is not None:
             raise UsageError("give --pack or --preset, not both (--preset writes a random-weight pack)")
         if self.preset is not None and self.preset not in PRESETS:
@@ -151,17 +156,23 @@ class StageResult:
 @dataclass
 class EndToEnd:
     steps: int
-    batch: int
+    batch: int  # denoiser rows per chunk (x2 network rows under CFG)
+    decode_batch: int
+    filter_batch: int
     n: int
     images_per_s: float  # synthgen run_generate, model load excluded
     seconds: float
     wall_seconds: float  # run_generate including model load and run-folder bookkeeping
     denoise_only_images_per_s: float  # denoise_step images/s at this batch / steps
     fraction_of_denoise_only: float
+    # The denoiser's share of an image's FLOPs: what fraction_of_denoise_only would be if the VAE and the
+    # filter, which run on the same device, ran at the denoiser's FLOP rate. Overlap cannot beat it.
+    denoise_flop_share: float
     naive_images_per_s: float
     naive_batch: int
     naive_dtype: str  # the naive loop runs eager PyTorch in this dtype
     ratio_vs_naive: float  # synthgen / naive
+    naive_share_of_peak: float  # the naive loop's FLOP/s / the matmul peak in its dtype: 1 / this bounds the ratio
     gflop_per_img: float
     share_of_peak: float
 
@@ -476,8 +487,9 @@ def naive_call(pack, cond: torch.Tensor, cfg: BenchConfig, steps: int, gen: torc
                 device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """One pipeline call, diffusers style: cond (b, D) float32 -> ((b, H, W, 3) uint8, (b,) scores).
 
-    The denoiser runs twice per step under CFG (cond, then uncond), the scheduler steps in Python. The
-    networks run in the dtype `pack` was loaded in.
+    Under CFG the uncond and cond rows go through the denoiser as one batch of 2b, as diffusers'
+    StableDiffusionPipeline does; the scheduler steps in Python. The networks run in the dtype `pack`
+    was loaded in.
     """
     from synthgen.filtering import cosine_scores
 
@@ -487,13 +499,16 @@ def naive_call(pack, cond: torch.Tensor, cfg: BenchConfig, steps: int, gen: torc
     flow = pack.config.schedule.prediction_type == "flow"
     x = torch.randn((b, *pack.config.denoiser.sample_shape), generator=gen).to(device)
     x = x if flow else x * scheduler.init_noise_sigma
-    c, null = cond.to(dtype), pack.null_condition.to(device, dtype).expand(b, -1)
+    guided = cfg.cfg != 1.0
+    c = cond.to(dtype)
+    if guided:
+        c = torch.cat([pack.null_condition.to(device, dtype).expand(b, -1), c])
     for t in scheduler.timesteps:
         xin = (x if flow else scheduler.scale_model_input(x, t)).to(dtype)
-        tt = t.to(torch.float32).expand(b)
-        out = pack.denoiser(xin, tt, c).float()
-        if cfg.cfg != 1.0:
-            uncond = pack.denoiser(xin, tt, null).float()
+        xin = torch.cat([xin, xin]) if guided else xin
+        out = pack.denoiser(xin, t.to(torch.float32).expand(xin.shape[0]), c).float()
+        if guided:
+            uncond, out = out.chunk(2)
             out = uncond + cfg.cfg * (out - uncond)
         x = scheduler.step(out, t, x, generator=gen).prev_sample
     images = pack.vae(x.to(dtype)).float() if pack.vae is not None else x
@@ -535,8 +550,8 @@ def run_e2e(pack_dir: Path, bank_dir: Path, cfg: BenchConfig, steps: int, batch:
 
     gcfg = GenerateConfig(
         n=n, out=out, pack=pack_dir, bank=bank_dir, sampler=cfg.sampler, steps=steps, cfg=cfg.cfg,
-        format=cfg.format, quality=cfg.quality, dtype=cfg.dtype, batch=batch, device=cfg.device,
-        backend=cfg.backend, overwrite=True, progress=False,
+        format=cfg.format, quality=cfg.quality, dtype=cfg.dtype, batch=batch, decode_batch=cfg.decode_batch,
+        filter_batch=cfg.filter_batch, device=cfg.device, backend=cfg.backend, overwrite=True, progress=False,
     )
     start = time.perf_counter()
     summary = run_generate(gcfg)
@@ -570,9 +585,10 @@ def component_flops(pack_dir: Path) -> dict[str, float]:
     return {c.name: float(c.flops) for c in pack_costs(read_pack_config(pack_dir))}
 
 
-def image_flops(flops: dict[str, float], steps: int, cfg: float) -> float:
+def image_flops(flops: dict[str, float], steps: int, cfg: float, denoise_only: bool = False) -> float:
     """FLOPs of one finished image: steps x denoiser (x2 under CFG) + VAE decode + filter re-encode."""
-    return steps * flops["denoiser"] * (2 if cfg != 1.0 else 1) + flops.get("vae", 0.0) + flops["encoder"]
+    denoise = steps * flops["denoiser"] * (2 if cfg != 1.0 else 1)
+    return denoise if denoise_only else denoise + flops.get("vae", 0.0) + flops["encoder"]
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, argv: list[str] | None = None) -> BenchResult:
@@ -584,9 +600,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, argv: list[s
     with tempfile.TemporaryDirectory(prefix="synthgen-bench-") as tmp, engine_cache(Path(tmp) / "engines"):
         work = Path(tmp)
         log(f"measuring the {cfg.matmul_size}^3 matmul peak ...")
-        peaks = {"fp32": matmul_peak(torch.float32, cfg.matmul_size, device)}
-        if cfg.dtype != "fp32":
-            peaks[cfg.dtype] = matmul_peak(dtype, cfg.matmul_size, device)
+        peaks = {d: matmul_peak(TORCH_DTYPES[d], cfg.matmul_size, device)
+                 for d in dict.fromkeys(("fp32", cfg.dtype, cfg.naive_precision))}
         pack_dir, source = prepare_pack(cfg, work)
         images_spec = cfg.images or write_photo_folder(work / "images")
         bank_dir = prepare_bank(pack_dir, images_spec, work, device, dtype)
@@ -630,7 +645,7 @@ def _measure(cfg, pack_dir, bank_dir, images_spec, work, device, peaks, log) -> 
     result.stages += io_stages(generated, cfg, work, min(cfg.n, GEN["shard_size"].default), device)
     naive = pack if cfg.naive_precision == cfg.dtype else load_pack(
         pack_dir, device=device, dtype=TORCH_DTYPES[cfg.naive_precision])
-    result.end_to_end = _end_to_end(cfg, naive, inputs, pack_dir, bank_dir, work, device, flops, peak, staged, log)
+    result.end_to_end = _end_to_end(cfg, naive, inputs, pack_dir, bank_dir, work, device, flops, peaks, staged, log)
     return result
 
 
@@ -640,15 +655,18 @@ def _stage_pack(pack_dir: Path, eager, cfg: BenchConfig, batch: int, device, res
         return eager
     from synthgen.engines import attach_engines
     from synthgen.pack import load_pack
+    from synthgen.scheduler import BatchSizes
 
     pack = load_pack(pack_dir, device=device, dtype=TORCH_DTYPES[cfg.dtype])
     start = time.perf_counter()
-    attach_engines(pack, device, None, cfg.backend, cfg.dtype, batch, cfg.cfg)
+    # Every stage at `batch`, as the stage table times them (the end-to-end runs build their own engines
+    # when --decode-batch / --filter-batch differ).
+    attach_engines(pack, device, BatchSizes(batch, batch, batch, (batch,)), None, cfg.backend, cfg.dtype, cfg.cfg)
     result.build_seconds[str(batch)] = round(time.perf_counter() - start, 2)
     return pack
 
 
-def _end_to_end(cfg, pack, inputs, pack_dir, bank_dir, work, device, flops, peak, staged, log) -> list[EndToEnd]:
+def _end_to_end(cfg, pack, inputs, pack_dir, bank_dir, work, device, flops, peaks, staged, log) -> list[EndToEnd]:
     """Rows of (steps, batch). A row's numbers are measured back to back (naive for these steps, then per
     batch synthgen and its denoise-only ceiling), so load drifting on a shared machine moves whole rows
     rather than the ratios within one. `pack`: the eager pack the naive loop drives, in its dtype."""
@@ -669,9 +687,11 @@ def _end_to_end(cfg, pack, inputs, pack_dir, bank_dir, work, device, flops, peak
             step_times += _timed_inference(step, device, cfg)
             images, seconds, wall = sorted(runs, key=lambda r: r[1])[len(runs) // 2]
             ips, only = images / seconds, batch / statistics.median(step_times) / steps
-            f = image_flops(flops, steps, cfg.cfg)
-            rows.append(EndToEnd(steps, batch, images, ips, seconds, wall, only, ips / only, naive,
-                                 cfg.naive_batch, cfg.naive_precision, ips / naive, f / 1e9, f * ips / peak))
+            f, denoise_f = image_flops(flops, steps, cfg.cfg), image_flops(flops, steps, cfg.cfg, denoise_only=True)
+            rows.append(EndToEnd(
+                steps, batch, cfg.decode_batch or batch, cfg.filter_batch or batch, images, ips, seconds, wall,
+                only, ips / only, denoise_f / f, naive, cfg.naive_batch, cfg.naive_precision, ips / naive,
+                f * naive / peaks[cfg.naive_precision], f / 1e9, f * ips / peaks[cfg.dtype]))
     return rows
 
 
@@ -712,17 +732,27 @@ def table_lines(r: BenchResult) -> list[str]:
         share = None if s.share_of_peak is None else 100 * s.share_of_peak
         lines.append(f"{s.stage:<13} {_num(s.batch, 'd'):>5} {s.images_per_s:>10.1f} {s.seconds * 1e3:>9.2f} "
                      f"{_num(s.gflop_per_img, '.4f'):>10} {_num(share):>7}  {s.note}")
+    chunks = ", ".join(f"{name} batch {c[key]}" for name, key in (("decode", "decode_batch"),
+                                                                  ("filter", "filter_batch")) if c.get(key))
     lines += [
         "",
-        f"end to end: {c['n']} images per run (synthgen run_generate vs naive diffusers-style loop at batch "
-        f"{c['naive_batch']}, eager {c.get('naive_dtype') or c['dtype']})",
-        f"{'steps':>5} {'batch':>5} {'synthgen/s':>11} {'denoise-only/s':>15} {'e2e/denoise':>12} "
-        f"{'naive/s':>9} {'synthgen/naive':>15} {'GFLOP/img':>10} {'% peak':>7}",
+        f"end to end: {c['n']} images per run (synthgen run_generate{', ' + chunks if chunks else ''} vs naive "
+        f"diffusers-style loop at batch {c['naive_batch']}, eager {c.get('naive_dtype') or c['dtype']})",
+        f"{'steps':>5} {'batch':>5} {'synthgen/s':>11} {'denoise-only/s':>15} {'e2e/denoise':>12} {'bound':>6} "
+        f"{'naive/s':>9} {'synthgen/naive':>15} {'bound':>6} {'GFLOP/img':>10} {'% peak':>7}",
     ]
     for x in r.end_to_end:
         lines.append(f"{x.steps:>5} {x.batch:>5} {x.images_per_s:>11.1f} {x.denoise_only_images_per_s:>15.1f} "
-                     f"{x.fraction_of_denoise_only:>11.0%} {x.naive_images_per_s:>9.1f} {x.ratio_vs_naive:>14.2f}x "
-                     f"{x.gflop_per_img:>10.4f} {100 * x.share_of_peak:>7.1f}")
+                     f"{x.fraction_of_denoise_only:>11.0%} {x.denoise_flop_share:>6.0%} {x.naive_images_per_s:>9.1f} "
+                     f"{x.ratio_vs_naive:>14.2f}x {1 / x.naive_share_of_peak:>5.1f}x {x.gflop_per_img:>10.4f} "
+                     f"{100 * x.share_of_peak:>7.1f}")
+    if r.end_to_end:
+        lines += [
+            "bounds: e2e/denoise <= the denoiser's share of an image's FLOPs, if decode and filter ran at the "
+            "denoiser's FLOP rate on the same device;",
+            "        synthgen/naive <= 1 / the naive loop's share of the matmul peak in its dtype (synthgen at "
+            "100% of peak)",
+        ]
     if r.build_seconds:
         lines.append("engine build s per batch (apart from all timings): " + ", ".join(
             f"b{k}: {v}" for k, v in r.build_seconds.items()))

@@ -370,6 +370,10 @@ def bench(
     batch: str = typer.Option(_bench("batches"), callback=_int_list("--batch"), help="Comma-separated batch sizes."),
     cfg: float = typer.Option(_bench("cfg"), min=0.0, help="Guidance scale (1 = off: one denoiser row per image)."),
     n: str = typer.Option(_bench("n"), "--n", help="Images per end-to-end run (synthgen and naive)."),
+    decode_batch: Optional[int] = typer.Option(None, min=1, help="End to end: VAE decode rows per chunk "
+                                               "(default: each --batch), as generate's --decode-batch."),
+    filter_batch: Optional[int] = typer.Option(None, min=1, help="End to end: filter-encoder rows per chunk "
+                                               "(default: each --batch), as generate's --filter-batch."),
     naive_batch: int = typer.Option(_bench("naive_batch"), min=1, help="Images per call of the naive baseline."),
     naive_dtype: Optional[str] = typer.Option(None, help="Precision of the naive baseline's eager PyTorch "
                                               "(default: --dtype, so the ratio isolates batching, engines and "
@@ -404,8 +408,9 @@ def bench(
 
     Denoise-only: denoise_step images/s divided by the steps, the ceiling generate can reach.
 
-    Naive: the same pack driven like a diffusers pipeline, --naive-batch images per call, the denoiser called
-    twice per step for CFG, a diffusers scheduler, then decode, score, PIL encode and tar write in sequence.
+    Naive: the same pack driven like a diffusers pipeline, --naive-batch images per call (cond and uncond
+    rows in one denoiser call, as diffusers batches CFG), a diffusers scheduler, then decode, score, PIL
+    encode and tar write in sequence.
 
     FLOPs per image come from the pack ('pack inspect'); % peak is against a matmul measured in this run.
     Output: a table, and with --json / --md / --plot the numbers, the environment and the command.
@@ -424,7 +429,8 @@ def bench(
 
     config = BenchConfig(
         pack=pack, preset=preset, images=images, backend=backend, dtype=dtype, device=device, sampler=sampler,
-        steps=steps, batches=batch, cfg=cfg, n=n, naive_batch=naive_batch, naive_dtype=naive_dtype, repeats=repeats,
+        steps=steps, batches=batch, cfg=cfg, n=n, decode_batch=decode_batch, filter_batch=filter_batch,
+        naive_batch=naive_batch, naive_dtype=naive_dtype, repeats=repeats,
         e2e_repeats=e2e_repeats, matmul_size=matmul_size,
     )
     result = run_bench(config, log=lambda line: typer.echo(line, err=True), argv=_typed_options(ctx))

@@ -5,7 +5,7 @@ are, what their inputs look like, and how `generate` calls them. Imports go one 
 
   build_engine(pack, out, backend, precision, batch, buckets)  -> Manifest   (synthgen build-engine)
   load_backends(engine_dir, pack, device)                      -> {component: Backend}
-  attach_engines(pack, device, engine=..., backend=..., ...)   swaps pack.denoiser/vae/encoder in place
+  attach_engines(pack, device, sizes, engine=..., backend=..., ...)   swaps pack.denoiser/vae/encoder in place
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from synthgen.export.manifest import (
     write_manifest,
 )
 from synthgen.pack import Pack, PackConfig, load_pack
+from synthgen.scheduler import BatchSizes
 
 ENGINE_BACKENDS = (*BACKENDS, "auto")
 COMPONENTS = ("denoiser", "vae", "encoder")
@@ -96,8 +97,13 @@ def build_engine(
     candidates: tuple[str, ...] | None = None,
     exporter: str = "auto",
     timing: bool = False,
+    sizes: dict[str, tuple[int, ...]] | None = None,
 ) -> Manifest:
     """Build engines for the pack's components into `out` and write its manifest.json.
+
+    `sizes`: per-component batch sizes (the static buckets; the largest is the component's batch) that
+    override `batch` and `buckets` for the components it names: generate decodes and filters in chunks
+    of their own size.
 
     Every component is validated against the eager fp32 module on fresh random inputs; an engine whose
     relative error exceeds TOLERANCE[precision] is refused. `auto` builds every available backend (or
@@ -110,6 +116,9 @@ def build_engine(
     buckets = tuple(sorted({int(b) for b in buckets}))
     if batch < 1 or any(b < 1 for b in buckets):
         raise UsageError(f"--batch and --batch-buckets must be positive, got {batch} and {buckets}")
+    sizes = {c: tuple(sorted({int(b) for b in s})) for c, s in (sizes or {}).items()}
+    if any(not s or s[0] < 1 for s in sizes.values()):
+        raise UsageError(f"per-component batch sizes must be positive, got {sizes}")
     device = torch.device(device)
     if backend != "auto":
         _require(backend, device, precision)
@@ -122,11 +131,13 @@ def build_engine(
     for component, module in pack_components(reference).items():
         if component not in components:
             continue
+        own = sizes.get(component)
+        b, bs = (max(own), own) if own else (batch, buckets)
         if backend == "auto":
-            entries[component] = _build_auto(reference, component, module, out, precision, batch, buckets, device,
+            entries[component] = _build_auto(reference, component, module, out, precision, b, bs, device,
                                               candidates, exporter)
         else:
-            entries[component] = _build_one(reference, component, module, out, backend, precision, batch, buckets,
+            entries[component] = _build_one(reference, component, module, out, backend, precision, b, bs,
                                             device, exporter, timing)
             _check_tolerance(entries[component], component, backend, precision)
     manifest = Manifest(
@@ -326,31 +337,43 @@ class EngineModule:
         return getattr(self.__dict__["eager"], name)
 
 
-def engine_cache_dir(pack: Pack, backend: str, precision: str, device: torch.device, batch: int, cfg: float) -> Path:
+def engine_sizes(sizes: BatchSizes, cfg: float) -> dict[str, tuple[int, ...]]:
+    """The batch sizes generate calls each component with, as static engine buckets.
+
+    Classifier-free guidance stacks cond and uncond rows into one denoiser call: twice the rows per
+    chunk, plus the plain size so that a short tail chunk need not be padded to the full one. The VAE
+    and the filter encoder see one row per image, in chunks of their own size.
+    """
+    denoise = (sizes.denoise, 2 * sizes.denoise) if cfg != 1.0 else (sizes.denoise,)
+    return {"denoiser": denoise, "vae": (sizes.decode,), "encoder": (sizes.filter,)}
+
+
+def engine_cache_dir(pack: Pack, backend: str, precision: str, device: torch.device, sizes: BatchSizes,
+                     cfg: float) -> Path:
     """Where `generate --backend X` keeps engines it builds: PACK/.engines/... or $SYNTHGEN_ENGINE_CACHE/HASH/..."""
     base = os.environ.get("SYNTHGEN_ENGINE_CACHE")
     root = Path(base) / pack.hash if base else Path(pack.root) / ".engines"
-    return root / f"{backend}-{precision}-{device.type}-b{batch}{'-cfg' if cfg != 1.0 else ''}"
+    own = "".join(f"-{tag}{n}" for tag, n in (("d", sizes.decode), ("f", sizes.filter)) if n != sizes.denoise)
+    return root / f"{backend}-{precision}-{device.type}-b{sizes.denoise}{own}{'-cfg' if cfg != 1.0 else ''}"
 
 
-def attach_engines(pack: Pack, device, engine: Path | None = None, backend: str = "eager", precision: str = "fp32",
-                   batch: int = 32, cfg: float = 1.0) -> Path | None:
+def attach_engines(pack: Pack, device, sizes: BatchSizes, engine: Path | None = None, backend: str = "eager",
+                   precision: str = "fp32", cfg: float = 1.0) -> Path | None:
     """Replace pack.denoiser / vae / encoder by backend-backed callables; returns the engine folder used.
 
     `engine`: an existing folder (refused when stale). Otherwise a non-eager `backend` builds into the
-    cache folder on first use, and rebuilds there when the pack, the libraries or the device changed.
+    cache folder on first use, at the stage sizes of `sizes` (engine_sizes), and rebuilds there when the
+    pack, the libraries or the device changed.
     """
     device = torch.device(device)
     if engine is None and backend == "eager":
         return None
     if engine is None:
-        engine = engine_cache_dir(pack, backend, precision, device, batch, cfg)
+        engine = engine_cache_dir(pack, backend, precision, device, sizes, cfg)
         fresh = (engine / MANIFEST).is_file() and not stale_reasons(read_manifest(engine), pack.hash, device)
         if not fresh:
-            # Classifier-free guidance doubles the denoiser batch: give static backends that bucket too.
-            buckets = (batch, 2 * batch) if cfg != 1.0 and backend in STATIC_BACKENDS else ()
-            build_engine(pack.root, engine, backend, precision, batch=2 * batch if cfg != 1.0 else batch,
-                         buckets=buckets, device=device)
+            build_engine(pack.root, engine, backend, precision, batch=sizes.denoise, device=device,
+                         sizes=engine_sizes(sizes, cfg))
     for component, runner in load_backends(engine, pack, device).items():
         setattr(pack, component, EngineModule(runner, getattr(pack, component)))
     return engine

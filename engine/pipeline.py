@@ -142,14 +142,14 @@ def load_engine(cfg: GenerateConfig) -> Engine:
     dtype = TORCH_DTYPES[cfg.dtype]
     bank = load_bank(resolve_bank_path(cfg))
     pack = load_pack(cfg.pack, device=device, dtype=dtype)
+    sizes = cfg.batch_sizes
     if cfg.engine is not None or cfg.backend != "eager":
         from synthgen.engines import attach_engines  # swaps pack.denoiser/vae/encoder for engine-backed callables
 
-        attach_engines(pack, device, cfg.engine, cfg.backend, cfg.dtype, cfg.batch, cfg.cfg)
+        attach_engines(pack, device, sizes, cfg.engine, cfg.backend, cfg.dtype, cfg.cfg)
     check_bank_fits_pack(bank, pack.config, cfg.pack)
     planner = Planner(bank.labels, bank.class_names, cfg.plan_config)
     sampler = make_plan(cfg.sampler, pack.config.schedule, cfg.steps, device=device)
-    sizes = cfg.batch_sizes
     return Engine(
         cfg, pack, bank, planner, sampler, device, dtype,
         bank.embeddings.to(device), pack.null_condition.to(device), sizes,

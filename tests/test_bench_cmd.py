@@ -32,7 +32,8 @@ def test_bench_tiny_preset_writes_table_json_and_markdown(tmp_path):
     out, md, png = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
     result = runner.invoke(app, [
         "bench", "--preset", "tiny", "--steps", "1,2", "--batch", "4", "--n", "8", "--naive-batch", "2",
-        "--repeats", "1", "--matmul-size", "128", "--naive-dtype", "bf16", "--json", str(out), "--md", str(md),
+        "--repeats", "1", "--matmul-size", "128", "--naive-dtype", "bf16", "--filter-batch", "8",
+        "--json", str(out), "--md", str(md),
         "--plot", str(png),
     ])
     assert result.exit_code == 0, result.output
@@ -50,6 +51,11 @@ def test_bench_tiny_preset_writes_table_json_and_markdown(tmp_path):
         assert math.isfinite(e["ratio_vs_naive"]) and e["ratio_vs_naive"] > 0
         assert e["n"] == 8 and e["naive_batch"] == 2 and e["gflop_per_img"] > 0 and e["share_of_peak"] > 0
         assert e["naive_dtype"] == "bf16"  # the run itself stays fp32
+        assert (e["decode_batch"], e["filter_batch"]) == (4, 8)
+        # A pixel-space pack decodes nothing: only the filter re-encode sits beside the denoiser's FLOPs.
+        assert 0.5 < e["denoise_flop_share"] < 1 and 0 < e["naive_share_of_peak"]
+    assert "synthgen run_generate, filter batch 8 vs naive" in result.output and "bounds:" in result.output
+    assert set(doc["peak_gflops"]) == {"fp32", "bf16"}  # the naive loop's dtype gets its own peak
     assert "naive diffusers-style loop at batch 2, eager bf16" in result.output
     env = doc["environment"]
     assert env["versions"]["torch"] and env["torch_threads"] >= 1 and env["dtype"] == "fp32"
@@ -71,6 +77,7 @@ def test_bench_tiny_preset_writes_table_json_and_markdown(tmp_path):
     (["--backend", "fast"], "--backend 'fast'"),
     (["--n", "ten"], "--n 'ten'"),
     (["--naive-dtype", "fp8"], "--naive-dtype 'fp8' is not one of"),
+    (["--filter-batch", "0"], "--filter-batch"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(monkeypatch, capsys, args, message):
     code, err = run_main(monkeypatch, capsys, "bench", *args)

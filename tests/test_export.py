@@ -223,6 +223,28 @@ def test_on_the_fly_backend_builds_into_cache_and_reuses_it(gen_kwargs, tmp_path
     assert manifests[0].stat().st_mtime_ns == before
 
 
+def test_on_the_fly_engines_are_built_at_each_stage_batch(gen_kwargs, tmp_path, monkeypatch):
+    # Guidance doubles the denoiser's rows; the filter encoder runs in chunks of its own size.
+    monkeypatch.setenv("SYNTHGEN_ENGINE_CACHE", str(tmp_path / "cache"))
+    cfg = GenerateConfig(**{**gen_kwargs, "cfg": 2.0}, backend="ort", filter_batch=16)
+    engine = load_engine(cfg)
+    (manifest,) = (tmp_path / "cache").rglob("manifest.json")
+    assert manifest.parent.name == "ort-fp32-cpu-b8-f16-cfg"
+    components = read_manifest(manifest.parent).components
+    assert components["denoiser"].buckets == [8, 16] and components["encoder"].buckets == [16]
+    assert engine.pack.encoder.backend.max_batch == 16
+
+
+def test_build_engine_sizes_override_batch_per_component(packs, tmp_path):
+    manifest = build_engine(packs["tiny-flow"], tmp_path / "e", "eager", "fp32", batch=4,
+                            sizes={"vae": (2, 16)})
+    entries = manifest.components
+    assert (entries["vae"].buckets, entries["vae"].max_batch) == ([2, 16], 16)
+    assert entries["denoiser"].max_batch == 4 and entries["encoder"].max_batch == 4
+    with pytest.raises(UsageError, match="positive"):
+        build_engine(packs["tiny-flow"], tmp_path / "bad", "eager", "fp32", sizes={"vae": (0,)})
+
+
 def test_auto_keeps_fastest_within_tolerance(packs, tmp_path):
     manifest = build_engine(packs["tiny-unet"], tmp_path / "auto", "auto", "fp32", batch=4,
                             components=("encoder",), candidates=("eager", "ort"))
