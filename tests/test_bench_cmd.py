@@ -54,6 +54,9 @@ def test_bench_tiny_preset_writes_table_json_and_markdown(tmp_path):
         assert (e["decode_batch"], e["filter_batch"]) == (4, 8)
         # A pixel-space pack decodes nothing: only the filter re-encode sits beside the denoiser's FLOPs.
         assert 0.5 < e["denoise_flop_share"] < 1 and 0 < e["naive_share_of_peak"]
+        # The ceiling: synthgen at the fp32 peak over the bf16 naive loop's measured FLOP rate.
+        naive_flops = e["gflop_per_img"] * e["naive_images_per_s"]
+        assert e["ratio_bound"] == pytest.approx(doc["peak_gflops"]["fp32"] / naive_flops)
     assert "synthgen run_generate, filter batch 8 vs naive" in result.output and "bounds:" in result.output
     assert set(doc["peak_gflops"]) == {"fp32", "bf16"}  # the naive loop's dtype gets its own peak
     assert "naive diffusers-style loop at batch 2, eager bf16" in result.output
