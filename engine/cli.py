@@ -293,6 +293,10 @@ def build_engine_cmd(
     batch: int = typer.Option(64, min=1, help="Batch size the engines are optimized (and timed) for."),
     batch_buckets: Optional[str] = typer.Option(None, help="Static batch buckets, e.g. 8,32,128 (smaller batches "
                                                 "are padded up to a bucket)."),
+    decode_batch: Optional[int] = typer.Option(None, min=1, help="Build the VAE decoder for this batch instead "
+                                               "(generate's --decode-batch)."),
+    filter_batch: Optional[int] = typer.Option(None, min=1, help="Build the filter encoder for this batch instead "
+                                               "(generate's --filter-batch)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Export the pack's denoiser, VAE decoder and encoder and build inference engines for them.
@@ -305,12 +309,15 @@ def build_engine_cmd(
       synthgen build-engine --pack packs/small --backend ort --out engines/small-ort
 
       synthgen build-engine --pack P --backend trt --precision fp16 --batch 64 --batch-buckets 8,32,64 --out E
+
+      synthgen build-engine --pack P --backend compile --precision bf16 --batch 16 --decode-batch 32 --out E
     """
     from synthgen.engines import build_engine
     from synthgen.pipeline import resolve_device
 
     buckets = parse_buckets(batch_buckets) or ()
-    manifest = build_engine(pack, out, backend, precision, batch, buckets, resolve_device(device))
+    sizes = {c: (b,) for c, b in (("vae", decode_batch), ("encoder", filter_batch)) if b is not None}
+    manifest = build_engine(pack, out, backend, precision, batch, buckets, resolve_device(device), sizes=sizes)
     typer.echo(f"built {backend} {precision} engines for pack {manifest.pack_name} ({manifest.pack_hash}) "
                f"in {manifest.build_seconds:.1f} s -> {out}")
     for name, c in manifest.components.items():

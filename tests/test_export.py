@@ -243,6 +243,17 @@ def test_build_engine_sizes_override_batch_per_component(packs, tmp_path):
     assert entries["denoiser"].max_batch == 4 and entries["encoder"].max_batch == 4
     with pytest.raises(UsageError, match="positive"):
         build_engine(packs["tiny-flow"], tmp_path / "bad", "eager", "fp32", sizes={"vae": (0,)})
+    # The CLI names them as generate does.
+    from typer.testing import CliRunner
+
+    from synthgen.cli import app
+
+    result = CliRunner().invoke(app, ["build-engine", "--pack", str(packs["tiny-flow"]), "--backend", "eager",
+                                      "--batch", "4", "--decode-batch", "8", "--filter-batch", "2",
+                                      "--device", "cpu", "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    entries = read_manifest(tmp_path / "cli").components
+    assert [entries[c].max_batch for c in ("denoiser", "vae", "encoder")] == [4, 8, 2]
 
 
 def test_auto_keeps_fastest_within_tolerance(packs, tmp_path):
