@@ -19,10 +19,12 @@ End to end calls the real `run_generate` into a temporary folder with the same s
 is the run summary's (model loading excluded). The naive baseline drives the same pack the way a
 diffusers pipeline would: a small batch per call, a diffusers scheduler loop calling the denoiser once
 per step on the uncond and cond rows stacked (as diffusers batches CFG), then VAE decode, re-encode for
-the score, PIL encode and tar write, all in sequence. Both produce the same work per image, so their ratio is the speed-up of the engine. The naive
-loop runs eager PyTorch in the run dtype unless `--naive-dtype` names another one (fp32: a diffusers
-pipeline's default), so the ratio either isolates what scheduling and engines buy (same dtype) or also
-counts the precision choice.
+the score, PIL encode and tar write, all in sequence. Both produce the same work per image, so their
+ratio is the speed-up of the engine. The naive loop runs eager PyTorch in the run dtype unless
+`--naive-dtype` names another one (fp32: a diffusers pipeline's default), so the ratio either isolates
+what scheduling and engines buy (same dtype) or also counts the precision choice. Beside each ratio the
+bench prints its ceiling on this machine: the denoiser's share of an image's FLOPs for end to end vs
+denoise-only, and synthgen at the matmul peak over the naive loop's FLOP rate for synthgen vs naive.
 
 FLOPs per image come from `synthgen.flops` (counted on the meta device); the share of peak divides the
 achieved FLOP/s by a square matmul measured in the same process, in fp32 and in the run dtype.

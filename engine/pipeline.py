@@ -123,6 +123,7 @@ class Engine:
     image_encoder: str  # "nvjpeg" | "simplejpeg" | "pillow"
     batches: dict[str, AdaptiveBatch]  # working chunk size per stage, shrunk by out-of-memory errors
     retry: Models | None = None  # built on the first non-finite row
+    restored: bool = False  # working sizes taken over from earlier processes on the run folder (once)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -529,11 +530,31 @@ def generate_shard(engine: Engine, shard: int, encoders: ThreadPoolExecutor | No
     last (storage.py); None when another writer committed it meanwhile (nothing is uploaded then).
     """
     out = engine.cfg.out
+    if not engine.restored:
+        restore_batch_sizes(engine)
     with storage.shard_staging(out, engine.cfg.staging) as run_dir:
         stats = _write_shard(engine, shard, run_dir, encoders, on_images)
         if storage.is_remote(out) and not storage.publish_shard(out, run_dir, shard):
             return None
     return stats
+
+
+def device_name(device: torch.device) -> str:
+    """What out-of-memory sizes are remembered per: the GPU model, or the device type."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def restore_batch_sizes(engine: Engine) -> None:
+    """Start each stage at the size earlier processes on this run folder backed off to on this device.
+
+    Called on the engine's first shard, once the run folder is known to hold this run (a resumed run
+    would otherwise meet the same out-of-memory error in its first chunk again).
+    """
+    from synthgen.runfolder import remembered_batch_sizes
+
+    for stage, size in remembered_batch_sizes(engine.cfg, device_name(engine.device)).items():
+        engine.batches[stage].resume_at(size)
+    engine.restored = True
 
 
 def _write_shard(engine: Engine, shard: int, run_dir: Path, encoders, on_images) -> dict:
@@ -594,6 +615,8 @@ def _write_shard(engine: Engine, shard: int, run_dir: Path, encoders, on_images)
                 "seconds": round(time.perf_counter() - start, 3),
                 "image_encoder": engine.image_encoder, "oom_backoffs": engine.oom_backoffs - backoffs,
                 "batch_sizes": {stage: b.size for stage, b in engine.batches.items()},
+                "configured_batch_sizes": {stage: engine.sizes.of(stage) for stage in engine.batches},
+                "device": device_name(engine.device),
             }
             write_stats(run_dir, shard, stats)
     return stats

@@ -326,6 +326,22 @@ def _committed_stats(run_dir: Path | str, num_shards: int):
             yield k, stats
 
 
+def remembered_batch_sizes(cfg: GenerateConfig, device: str) -> dict[str, int]:
+    """stage -> the smallest working chunk size a committed shard of this run ended at below its configured
+    size, among shards written on `device` with the configured sizes of `cfg`: what an out-of-memory
+    backoff learned, for a resumed process to start from. A changed --batch or device forgets it."""
+    configured = cfg.batch_sizes
+    out: dict[str, int] = {}
+    for _, stats in _committed_stats(cfg.out, cfg.num_shards):
+        if stats.get("device") != device:
+            continue
+        was = stats.get("configured_batch_sizes", {})
+        for stage, size in stats.get("batch_sizes", {}).items():
+            if was.get(stage) == configured.of(stage) and size < configured.of(stage):
+                out[stage] = min(size, out.get(stage, size))
+    return out
+
+
 def pending_shards(cfg: GenerateConfig) -> list[int]:
     """Shards in the requested range not yet committed (the resume rule: tar and stats file both present)."""
     start, stop = cfg.shards or (0, cfg.num_shards)

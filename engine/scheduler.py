@@ -10,7 +10,8 @@ Plain functions and two small dataclasses; `pipeline.py` drives them.
   in chunks of their own size: a VAE decode that needs 4x the memory of a denoiser step can run at a
   quarter of its batch while the denoiser keeps its large one.
 - Out-of-memory backoff. A chunk that raises an out-of-memory error is retried at half the size; the
-  smaller size is kept for the rest of the run (logged once per reduction). Which image a sample id gets
+  smaller size is kept for the rest of the run (logged once per reduction), and a resumed run on the same
+  device and configured size starts at it (pipeline.restore_batch_sizes). Which image a sample id gets
   never depends on the chunk size: its noise is a counter-based function of its own seed (noise.py).
 - NaN/Inf guard. `retry_dtype` names the higher precision a non-finite row is retried in once; rows that
   stay non-finite are dropped by the pipeline and counted.
@@ -115,6 +116,16 @@ class AdaptiveBatch:
         log.warning("%s: out of memory at batch %d, continuing at batch %d for the rest of the run",
                     self.stage, self.history[-1], self.size)
         _release_cached_memory()
+
+    def resume_at(self, size: int) -> None:
+        """Start at `size`, where an earlier process on this run folder ended after out-of-memory errors,
+        instead of failing its first chunks again. Not counted as a backoff: nothing failed here."""
+        if 1 <= size < self.size:
+            log.warning("%s: starting at batch %d, where an earlier run on this folder ended after running out "
+                        "of memory at %d on this device (give another --batch to try again)",
+                        self.stage, size, self.size)
+            self.history.append(self.size)
+            self.size = size
 
 
 def _release_cached_memory() -> None:

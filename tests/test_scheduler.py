@@ -218,6 +218,30 @@ def test_out_of_memory_halves_the_batch_and_the_run_completes_with_the_same_imag
     ]
 
 
+def test_a_resumed_run_starts_at_the_size_an_earlier_process_backed_off_to(gen_kwargs, reference, tmp_path,
+                                                                             caplog):
+    kw = {**gen_kwargs, "out": tmp_path / "oom"}
+    first = load_engine(GenerateConfig(**kw))
+    first.pack.denoiser = OutOfMemoryAbove(first.pack.denoiser, limit=3)
+    assert run_with(first, [0])[0]["batch_sizes"]["denoise"] == 2  # that process is gone; shard 0 stays
+    # A new process on the same folder and device: no out-of-memory error needed to learn the size again.
+    second = load_engine(GenerateConfig(**kw))
+    second.pack.denoiser = OutOfMemoryAbove(second.pack.denoiser, limit=3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="synthgen.scheduler"):
+        rest = run_with(second, [1, 2])
+    assert [r["oom_backoffs"] for r in rest] == [0, 0] and rest[0]["batch_sizes"]["denoise"] == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "denoise: starting at batch 2, where an earlier run on this folder ended after running out of memory "
+        "at 8 on this device (give another --batch to try again)",
+    ]
+    assert shard_bytes(kw["out"]) == reference
+    # Another --batch (or another device) is a fresh start: the remembered size was learned for batch 8.
+    third = load_engine(GenerateConfig(**{**kw, "batch": 4}))
+    run_with(third, [1])
+    assert third.batches["denoise"].size == 4
+
+
 # ---- NaN/Inf guard ---------------------------------------------------------------------------------
 
 
