@@ -18,7 +18,7 @@ from torch import nn
 
 from synthgen.config import GenerateConfig, parse_buckets
 from synthgen.errors import UsageError
-from synthgen.pipeline import generate_batch, load_engine, run_generate, run_shards
+from synthgen.pipeline import generate_batch, load_engine, restore_batch_sizes, run_generate, run_shards
 from synthgen.scheduler import (
     AdaptiveBatch, default_buckets, is_out_of_memory, pad_rows, padded_size, retry_dtype, run_chunked,
 )
@@ -237,9 +237,13 @@ def test_a_resumed_run_starts_at_the_size_an_earlier_process_backed_off_to(gen_k
     ]
     assert shard_bytes(kw["out"]) == reference
     # Another --batch (or another device) is a fresh start: the remembered size was learned for batch 8.
+    # (Every shard is committed by now, so the restore a first shard would make is called directly.)
     third = load_engine(GenerateConfig(**{**kw, "batch": 4}))
-    run_with(third, [1])
-    assert third.batches["denoise"].size == 4
+    restore_batch_sizes(third)
+    assert third.restored and third.batches["denoise"].size == 4
+    fourth = load_engine(GenerateConfig(**kw))
+    restore_batch_sizes(fourth)
+    assert fourth.batches["denoise"].size == 2  # the same settings do take it over
 
 
 # ---- NaN/Inf guard ---------------------------------------------------------------------------------
