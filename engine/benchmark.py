@@ -692,10 +692,14 @@ def _end_to_end(cfg, pack, inputs, pack_dir, bank_dir, work, device, flops, peak
             ips, only = images / seconds, batch / statistics.median(step_times) / steps
             f, denoise_f = image_flops(flops, steps, cfg.cfg), image_flops(flops, steps, cfg.cfg, denoise_only=True)
             rows.append(EndToEnd(
-                steps, batch, cfg.decode_batch or batch, cfg.filter_batch or batch, images, ips, seconds, wall,
-                only, ips / only, denoise_f / f, naive, cfg.naive_batch, cfg.naive_precision, ips / naive,
-                f * naive / peaks[cfg.naive_precision], peaks[cfg.dtype] / (f * naive), f / 1e9,
-                f * ips / peaks[cfg.dtype]))
+                steps=steps, batch=batch, decode_batch=cfg.decode_batch or batch,
+                filter_batch=cfg.filter_batch or batch, n=images, images_per_s=ips, seconds=seconds,
+                wall_seconds=wall, denoise_only_images_per_s=only, fraction_of_denoise_only=ips / only,
+                denoise_flop_share=denoise_f / f, naive_images_per_s=naive, naive_batch=cfg.naive_batch,
+                naive_dtype=cfg.naive_precision, ratio_vs_naive=ips / naive,
+                naive_share_of_peak=f * naive / peaks[cfg.naive_precision],
+                ratio_bound=peaks[cfg.dtype] / (f * naive), gflop_per_img=f / 1e9,
+                share_of_peak=f * ips / peaks[cfg.dtype]))
     return rows
 
 
