@@ -397,10 +397,20 @@ def read_stats(run_dir: Path, shard: int) -> dict | None:
     """The shard's stats, or None when it has no stats file (not committed)."""
     path = stats_path(run_dir, shard)
     try:
-        text = path.read_text(encoding="utf-8")
+        stats = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _damaged_stats(path, shard, str(e)) from e
+    if not isinstance(stats, dict):
+        raise _damaged_stats(path, shard, "not a JSON object")
+    return stats
+
+
+def _damaged_stats(path: Path, shard: int, why: str) -> UsageError:
+    # Deleting the done marker makes the shard uncommitted, and resume generates it again.
+    return UsageError(f"{path} is damaged ({why}): delete it and rerun the same command to generate shard "
+                      f"{shard} again")
 
 
 def completed_shards(run_dir: Path) -> set[int]:

@@ -380,6 +380,20 @@ def test_hostile_bank_keys_stay_inside_metadata(tiny_pack, gen_kwargs, tmp_path)
     assert verify_run(run_dir).ok
 
 
+@pytest.mark.parametrize("damage", [b'{"shard": 0, "count"', b"\xff\xfe", b"[1, 2]"])
+def test_a_damaged_stats_file_is_named_and_deleting_it_redoes_the_shard(gen_kwargs, damage):
+    cfg = GenerateConfig(**{**gen_kwargs, "n": 20})
+    run_generate(cfg)
+    reference = shard_path(cfg.out, 0).read_bytes()
+    stats_path(cfg.out, 0).write_bytes(damage)
+    with pytest.raises(UsageError, match=r"000000\.stats\.json is damaged .*delete it and rerun the same command "
+                                         r"to generate shard 0 again"):
+        run_generate(cfg)
+    stats_path(cfg.out, 0).unlink()
+    assert run_generate(cfg).shards_written == [0] and verify_run(cfg.out).ok
+    assert shard_path(cfg.out, 0).read_bytes() == reference
+
+
 @pytest.mark.parametrize("field,value", [("format", "../../x"), ("sampler", "../x"), ("device", "/dev/null"),
                                          ("executor", "sh -c"), ("shards", "../1"), ("n", "1/../2")])
 def test_hostile_config_values_are_refused(gen_kwargs, field, value):
