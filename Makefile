@@ -43,7 +43,7 @@ compare: setup
 	$(BIN)/python bench/compare.py --out bench/results/compare
 
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	PYTHONSAFEPATH=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf demo .pytest_cache

@@ -8,10 +8,15 @@ step's x0 prediction and the step noise. `make_plan` folds a diffusers scheduler
     x_next = next_x[k] * x + next_x0[k] * x0 + next_prev_x0[k] * prev_x0
              + next_out[k] * model_output + next_noise[k] * noise
 
-State convention. Diffusion models (prediction_type "epsilon" / "v_prediction") keep x in variance-preserving
+State convention. Diffusion models (prediction_type "epsilon", "v_prediction" or "sample", i.e. x0) keep x in
+variance-preserving
 space, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, which is also what the model is fed. Flow models keep
 x_t = (1 - sigma) x0 + sigma noise and predict v = noise - x0. Every sampler starts from x_T ~ N(0, I); the
-final step lands on noise level 0, so its x_next is the sample itself.
+final step lands on noise level 0, so its x_next is the sample itself (ddim with set_alpha_to_one=False, as
+SD-1.x configs have it, lands on abar_0 instead, as diffusers does).
+
+Timesteps follow the schedule's `timestep_spacing` and `steps_offset` exactly as the matching diffusers
+scheduler picks them, so a scheduler config imported from a diffusers folder drives these samplers unchanged.
 """
 
 from __future__ import annotations
@@ -27,8 +32,13 @@ import torch
 from synthgen.errors import UsageError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")
+# "default": each sampler's diffusers default (leading for ddpm/ddim, linspace for dpmpp_2m/euler).
+TIMESTEP_SPACINGS = ("default", "leading", "trailing", "linspace")
+# Fields added after packs were first written: to_dict leaves them out at their defaults, so the canonical
+# JSON, and with it the hash of every pack written before them, is unchanged.
+_LATER_FIELDS = {"timestep_spacing": "default", "steps_offset": 0, "set_alpha_to_one": True}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -48,6 +58,9 @@ class NoiseSchedule:
     clip_sample: bool = False  # clamp predicted x0 (ddpm/ddim only, as in diffusers)
     clip_sample_range: float = 1.0
     flow_shift: float = 1.0  # timestep shift of flow models
+    timestep_spacing: str = "default"  # how inference timesteps are picked (diffusers' timestep_spacing)
+    steps_offset: int = 0  # added to "leading" timesteps (SD-1.x scheduler configs use 1)
+    set_alpha_to_one: bool = True  # ddim: the last step lands on abar = 1 (False: on abar_0, as SD-1.x's DDIM)
 
     def __post_init__(self) -> None:
         t = self.num_train_timesteps
@@ -55,6 +68,14 @@ class NoiseSchedule:
             raise UsageError(f"num_train_timesteps={t!r} must be an integer >= 1 (e.g. 1000); fix the noise schedule.")
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        off = self.steps_offset
+        if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off < t:
+            raise UsageError(f"steps_offset={off!r} must be an integer in [0, num_train_timesteps); SD-1.x uses 1.")
+        if not isinstance(self.set_alpha_to_one, bool):
+            raise UsageError(f"set_alpha_to_one={self.set_alpha_to_one!r} must be true or false.")
+        if self.prediction_type == "flow" and (self.timestep_spacing != "default" or off):
+            raise UsageError("timestep_spacing and steps_offset do not apply to flow models; remove them.")
         for option in ("beta_start", "beta_end", "clip_sample_range", "flow_shift"):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -72,7 +93,14 @@ class NoiseSchedule:
             raise UsageError(f"flow_shift={self.flow_shift!r} must be a finite number > 0 (e.g. 1.0 or 3.0).")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
+
+    def spacing(self, sampler: str) -> str:
+        """The timestep spacing `sampler` uses under this schedule."""
+        if self.timestep_spacing != "default":
+            return self.timestep_spacing
+        return "leading" if sampler in ("ddpm", "ddim") else "linspace"
 
     @classmethod
     def from_dict(cls, d: dict) -> NoiseSchedule:
@@ -148,6 +176,8 @@ def _vp_x0(prediction_type: str, a: torch.Tensor, s: torch.Tensor) -> tuple[torc
     # x0 = P x + Q m for x = a x0 + s eps, with a = sqrt(abar) and s = sqrt(1 - abar).
     if prediction_type == "epsilon":
         return 1.0 / a, -s / a
+    if prediction_type == "sample":
+        return torch.zeros_like(a), torch.ones_like(a)
     return a, -s  # v = a eps - s x0
 
 
@@ -155,6 +185,8 @@ def _vp_eps(prediction_type: str, a: torch.Tensor, s: torch.Tensor) -> tuple[tor
     # eps = R x + S m, taken from the raw model output so clipping x0 never changes it (as in diffusers' DDIM).
     if prediction_type == "epsilon":
         return torch.zeros_like(a), torch.ones_like(a)
+    if prediction_type == "sample":
+        return 1.0 / s, -a / s  # eps = (x - a x0) / s
     return s, a
 
 
@@ -162,14 +194,35 @@ def _vp_sigma(ab: torch.Tensor) -> torch.Tensor:
     return ((1 - ab) / ab).sqrt()
 
 
-def _leading_timesteps(t: int, k: int) -> np.ndarray:
-    return (np.arange(k) * (t // k))[::-1].copy()
+def _timesteps(sch: NoiseSchedule, sampler: str, k: int) -> np.ndarray:
+    """(k,) descending train-step indices, as the matching diffusers scheduler's set_timesteps(k) picks them.
+
+    dpmpp_2m spaces k + 1 points and drops the last (t = 0), as DPM-Solver++ does; euler keeps fractional
+    linspace values (it interpolates sigmas between train steps); the others round to integers.
+    """
+    t, spacing, fractional = sch.num_train_timesteps, sch.spacing(sampler), sampler == "euler"
+    points = k + 1 if sampler == "dpmpp_2m" else k
+    if spacing == "linspace":
+        ts = np.linspace(0, t - 1, points, dtype=np.float32 if fractional else np.float64)
+        ts = ts if fractional else ts.round()
+        ts = ts[::-1]
+    elif spacing == "leading":
+        ts = (np.arange(points) * (t // points)).round()[::-1] + sch.steps_offset
+    else:  # trailing
+        ts = np.arange(t, 0, -t / k).round() - 1
+    return ts[:k].astype(np.float32 if fractional else np.int64).copy()
+
+
+def _previous_abar(prev: np.ndarray, abar: torch.Tensor, final: float) -> torch.Tensor:
+    # abar at each step's target timestep `prev`; below 0 the chain lands on `final`.
+    return torch.where(torch.from_numpy(prev >= 0), abar[torch.from_numpy(prev.clip(min=0))], final)
 
 
 def _ddpm(sch: NoiseSchedule, k: int, abar: torch.Tensor) -> dict:
-    ts = _leading_timesteps(sch.num_train_timesteps, k)
+    ts = _timesteps(sch, "ddpm", k)
     ab = abar[torch.from_numpy(ts)]
-    ab_prev = torch.cat([ab[1:], ab.new_ones(1)])  # past t = 0 the chain reaches abar = 1
+    # diffusers' DDPM steps to the next listed timestep (-1 after the last): past t = 0 the chain reaches abar = 1.
+    ab_prev = _previous_abar(np.append(ts[1:], -1), abar, 1.0)
     alpha = ab / ab_prev
     # Posterior q(x_prev | x, x0) of Ho et al. (eqs. 6-7) with the "fixed_small" variance.
     var = ((1 - ab_prev) / (1 - ab) * (1 - alpha)).clamp(min=1e-20)
@@ -177,14 +230,18 @@ def _ddpm(sch: NoiseSchedule, k: int, abar: torch.Tensor) -> dict:
     return dict(
         timesteps=ts, sigmas=_vp_sigma(torch.cat([ab, ab.new_ones(1)])), x0_x=p, x0_out=q,
         next_x=alpha.sqrt() * (1 - ab_prev) / (1 - ab), next_x0=ab_prev.sqrt() * (1 - alpha) / (1 - ab),
-        next_noise=torch.where(torch.from_numpy(ts) > 0, var.sqrt(), 0.0),
+        # No noise into the last step (prev_t < 0 lands on abar = 1, where diffusers' variance is its 1e-20 floor).
+        next_noise=torch.where(torch.from_numpy(ts > 0) & (ab_prev < 1), var.sqrt(), 0.0),
     )  # fmt: skip
 
 
 def _ddim(sch: NoiseSchedule, k: int, abar: torch.Tensor) -> dict:
-    ts = _leading_timesteps(sch.num_train_timesteps, k)
+    ts = _timesteps(sch, "ddim", k)
     ab = abar[torch.from_numpy(ts)]
-    ab_prev = torch.cat([ab[1:], ab.new_ones(1)])  # set_alpha_to_one: the last step lands on abar = 1
+    # diffusers' DDIM steps from t to t - T // k, not to the next listed timestep (they differ under linspace
+    # and trailing spacing); below 0 it lands on abar = 1, or abar_0 without set_alpha_to_one.
+    prev = ts - sch.num_train_timesteps // k
+    ab_prev = _previous_abar(prev, abar, 1.0 if sch.set_alpha_to_one else float(abar[0]))
     a, s = ab.sqrt(), (1 - ab).sqrt()
     p, q = _vp_x0(sch.prediction_type, a, s)
     r, e = _vp_eps(sch.prediction_type, a, s)
@@ -215,8 +272,7 @@ def _first_order(sig: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def _dpmpp_2m(sch: NoiseSchedule, k: int, abar: torch.Tensor) -> dict:
-    t = sch.num_train_timesteps
-    ts = np.linspace(0, t - 1, k + 1).round()[::-1][:-1].astype(np.int64)
+    ts = _timesteps(sch, "dpmpp_2m", k)
     sig = torch.from_numpy(np.append(_sigma_table(abar)[ts], np.float32(0.0))).to(torch.float64)
     alpha, sigma_vp, next_x, b1 = _first_order(sig)
     p, q = _vp_x0(sch.prediction_type, alpha[:-1], sigma_vp[:-1])
@@ -234,16 +290,16 @@ def _dpmpp_2m(sch: NoiseSchedule, k: int, abar: torch.Tensor) -> dict:
 
 
 def _euler(sch: NoiseSchedule, k: int, abar: torch.Tensor) -> dict:
-    t = sch.num_train_timesteps
-    ts = np.linspace(0, t - 1, k, dtype=np.float32)[::-1].copy()
-    interp = np.interp(ts, np.arange(t), _sigma_table(abar)).astype(np.float32)
+    ts = _timesteps(sch, "euler", k)
+    interp = np.interp(ts, np.arange(sch.num_train_timesteps), _sigma_table(abar)).astype(np.float32)
     sig = torch.from_numpy(np.append(interp, np.float32(0.0))).to(torch.float64)
     # Euler in x / sqrt(abar) space is exactly a first-order (DDIM) step in x0 form.
     alpha, sigma_vp, next_x, next_x0 = _first_order(sig)
     p, q = _vp_x0(sch.prediction_type, alpha[:-1], sigma_vp[:-1])
     return dict(
         timesteps=ts, sigmas=sig, x0_x=p, x0_out=q, next_x=next_x, next_x0=next_x0,
-        init_scale=float(sigma_vp[0]),  # diffusers' init_noise_sigma = sigma_max, mapped to VP space
+        # diffusers' init_noise_sigma in VP space: sigma_max (linspace, trailing) or sqrt(sigma_max^2 + 1) (leading).
+        init_scale=1.0 if sch.spacing("euler") == "leading" else float(sigma_vp[0]),
     )  # fmt: skip
 
 
@@ -273,6 +329,14 @@ def make_plan(name: str, schedule: NoiseSchedule, steps: int, device: str | torc
         raise UsageError(
             f"--sampler {name} cannot sample a flow model (prediction_type='flow'); use --sampler euler."
         )
+    if not flow:
+        ts = _timesteps(schedule, name, steps)
+        if ts.max() >= t or ts.min() < 0:
+            raise UsageError(
+                f"--steps {steps} with timestep_spacing={schedule.spacing(name)!r} and steps_offset="
+                f"{schedule.steps_offset} reaches timestep {int(ts.max())}, past num_train_timesteps={t}; "
+                "use fewer steps or a smaller steps_offset."
+            )
     if flow:
         parts = _flow_euler(schedule, steps)
     else:

@@ -67,24 +67,19 @@ def _diffusers_scheduler(name: str, sch: NoiseSchedule):
     if sch.prediction_type == "flow":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=sch.num_train_timesteps, shift=sch.flow_shift)
     clip = dict(clip_sample=sch.clip_sample, clip_sample_range=sch.clip_sample_range)
+    common.update(timestep_spacing=sch.spacing(name), steps_offset=sch.steps_offset)
     if name == "ddpm":
-        return DDPMScheduler(
-            **common, **clip, prediction_type=sch.prediction_type, variance_type="fixed_small",
-            timestep_spacing="leading", steps_offset=0,
-        )  # fmt: skip
+        return DDPMScheduler(**common, **clip, prediction_type=sch.prediction_type, variance_type="fixed_small")
     if name == "ddim":
-        return DDIMScheduler(
-            **common, **clip, prediction_type=sch.prediction_type, set_alpha_to_one=True,
-            timestep_spacing="leading", steps_offset=0,
-        )  # fmt: skip
+        return DDIMScheduler(**common, **clip, prediction_type=sch.prediction_type,
+                             set_alpha_to_one=sch.set_alpha_to_one)
     if name == "dpmpp_2m":
         return DPMSolverMultistepScheduler(
             **common, prediction_type=sch.prediction_type, solver_order=2, algorithm_type="dpmsolver++",
-            timestep_spacing="linspace", final_sigmas_type="zero", lower_order_final=True,
+            final_sigmas_type="zero", lower_order_final=True,
         )  # fmt: skip
     return EulerDiscreteScheduler(
-        **common, prediction_type=sch.prediction_type, timestep_spacing="linspace", interpolation_type="linear",
-        final_sigmas_type="zero",
+        **common, prediction_type=sch.prediction_type, interpolation_type="linear", final_sigmas_type="zero",
     )  # fmt: skip
 
 
@@ -141,12 +136,31 @@ REFERENCE_CASES += [
     ("ddim", NoiseSchedule(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=True), 10),
     ("euler", dataclasses.replace(LINEAR, prediction_type="v_prediction"), 10),
 ]
+# Imported scheduler configs: every spacing, SD-1.x's steps_offset=1 / set_alpha_to_one=False, and x0 ("sample")
+# prediction, so a diffusers scheduler_config.json drives these samplers exactly.
+REFERENCE_CASES += [
+    (name, NoiseSchedule(timestep_spacing=spacing, steps_offset=offset), steps)
+    for name in SAMPLERS
+    for spacing in ("leading", "trailing", "linspace")
+    for offset in ((0, 1) if spacing == "leading" else (0,))
+    for steps in (3, 10)
+]
+REFERENCE_CASES += [
+    ("ddim", NoiseSchedule(steps_offset=1, set_alpha_to_one=False), 10),
+    ("ddim", NoiseSchedule(timestep_spacing="trailing", set_alpha_to_one=False), 4),
+]
+REFERENCE_CASES += [
+    (name, NoiseSchedule(prediction_type="sample", clip_sample=name in ("ddpm", "ddim")), steps)
+    for name in SAMPLERS
+    for steps in (1, 4)
+]
 
 
 def _case_id(case) -> str:
     name, sch, steps = case
     clip = "-clip" if sch.clip_sample else ""
-    return f"{name}-{sch.prediction_type}-{sch.beta_schedule}{clip}-shift{sch.flow_shift:g}-{steps}"
+    spacing = f"-{sch.timestep_spacing}+{sch.steps_offset}" + ("" if sch.set_alpha_to_one else "-abar0")
+    return f"{name}-{sch.prediction_type}-{sch.beta_schedule}{clip}-shift{sch.flow_shift:g}{spacing}-{steps}"
 
 
 @pytest.mark.parametrize("case", REFERENCE_CASES, ids=_case_id)
@@ -243,7 +257,11 @@ def test_sampler_step_compiles_fullgraph(name):
         (lambda: make_plan("ddim", NoiseSchedule(), 1001), "--steps"),
         (lambda: make_plan("ddim", NoiseSchedule(), 2.0), "--steps"),
         (lambda: NoiseSchedule(beta_schedule="cosine"), "beta_schedule"),
-        (lambda: NoiseSchedule(prediction_type="sample"), "prediction_type"),
+        (lambda: NoiseSchedule(prediction_type="x0"), "prediction_type"),
+        (lambda: NoiseSchedule(timestep_spacing="karras"), "timestep_spacing"),
+        (lambda: NoiseSchedule(steps_offset=-1), "steps_offset"),
+        (lambda: NoiseSchedule(prediction_type="flow", timestep_spacing="trailing"), "flow"),
+        (lambda: make_plan("ddim", NoiseSchedule(steps_offset=999), 10), "steps_offset"),
         (lambda: NoiseSchedule(beta_start=0.02, beta_end=0.01), "beta_start"),
         (lambda: NoiseSchedule(num_train_timesteps=0), "num_train_timesteps"),
         (lambda: NoiseSchedule(clip_sample_range=0.0), "clip_sample_range"),
@@ -266,6 +284,16 @@ def test_flow_model_needs_euler(name):
 def test_schedule_round_trips_through_dict():
     sch = NoiseSchedule(beta_schedule="linear", prediction_type="v_prediction", clip_sample=True, flow_shift=2.0)
     assert NoiseSchedule.from_dict(sch.to_dict()) == sch
+    sd = NoiseSchedule(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    assert NoiseSchedule.from_dict(sd.to_dict()) == sd
+
+
+def test_later_fields_leave_old_schedules_canonical_json_unchanged():
+    """Packs written before timestep_spacing existed keep their hash: default values are not serialised."""
+    assert set(NoiseSchedule().to_dict()) == {
+        "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "clip_sample",
+        "clip_sample_range", "flow_shift"}
+    assert NoiseSchedule(steps_offset=1).to_dict()["steps_offset"] == 1
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
