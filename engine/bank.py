@@ -6,7 +6,7 @@ BANK/
   bank.json                class names, keys, encoder identity, source, per-class counts, skipped inputs
 ```
 An unreadable input never stops `embed`: it is skipped, counted and listed in bank.json.
-Images are decoded and resized (shorter side to the encoder's `resize`) by a `synthgen.decode` decoder:
+Images are decoded and resized (the first step of the encoder's recipe) by a `synthgen.decode` decoder:
 DALI when importable, else PIL; bank.json records which.
 """
 
@@ -141,7 +141,7 @@ def build_bank(
     """Encode every readable image of `images` (see sources.open_source) and write a bank; returns a summary.
 
     decoder: "auto" (DALI when importable, else PIL), "dali" or "pil" (see synthgen.decode). Decoding
-    resizes the shorter side to the encoder's `resize`, so the encoder's own resize is then a no-op and
+    does the encoder's resize (its recipe's mode and interpolation), so the encoder's own resize is then a no-op and
     batches of large photos stay small in memory.
     """
     from tqdm import tqdm
@@ -154,7 +154,7 @@ def build_bank(
     source = open_source(images)
     config = read_pack_config(pack)
     # In-memory pixels need no decoder: building a DALI pipeline for them would only mislabel the bank.
-    image_decoder = make_decoder(decoder if source.encoded else "pil", resize=config.encoder.resize,
+    image_decoder = make_decoder(decoder if source.encoded else "pil", resize=config.encoder.resize_rule,
                                  batch_size=batch_size, device=device)
     decoder_name = image_decoder.name if source.encoded else "in memory"
     decoder_description = image_decoder.description if source.encoded else "none (pixels held in memory)"
@@ -192,3 +192,106 @@ def build_bank(
     seconds = time.perf_counter() - start
     return {"embedded": len(keys), "skipped": skipped, "seconds": seconds, "out": str(out), "dim": meta["dim"],
             "decoder": decoder_description}
+
+
+# ---- A bank from representations extracted elsewhere ------------------------------------------------------
+
+REP_DTYPES = ("float16", "float32", "float64")
+MAX_LISTED = 1000  # missing / extra / bad files listed in bank.json (all are counted)
+
+
+def build_bank_from_reps(
+    reps: str | Path, images: str | Path, pack: str | Path, out: str | Path, check: int = 8,
+    device: str = "cpu", progress: bool = True,
+) -> dict:
+    """A bank from one `.npy` per image (REPS/<class>/<name>.npy beside IMAGES/<class>/<name>.<ext>).
+
+    Files are matched by relative path stem; classes are IMAGES' folders. Every file is checked: a 1-D (D,)
+    or (1, D) floating array, D the pack's conditioning width, all finite. Bad files and images without a
+    file are skipped, extra files ignored; all three are counted and listed in bank.json. The pack's recipe
+    L2-normalisation is applied, as `embed --images` would. `check` images (evenly spaced) are re-embedded
+    with the pack's encoder and compared: a low cosine means the files were made with another recipe.
+    """
+    from tqdm import tqdm
+
+    from synthgen.sources import folder_entries
+
+    reps, images, out = Path(reps), Path(images), Path(out)
+    if not reps.is_dir():
+        raise UsageError(f"--reps {reps} is not a folder of .npy files")
+    if not images.is_dir():
+        raise UsageError(f"--images {images} must be the class-folder tree the .npy files were extracted from")
+    config = read_pack_config(pack)
+    dim = config.denoiser.cond_dim
+    class_names, entries = folder_entries(str(images), images)
+    rows, labels, keys, missing, bad, matched = [], [], [], [], [], set()
+    for key, label, rel in tqdm(entries, desc="embed (--reps)", unit="file", disable=not progress):
+        path = reps / rel.with_suffix(".npy")
+        if not path.is_file():
+            missing.append(rel.as_posix())
+            continue
+        matched.add(path.relative_to(reps).as_posix())
+        vector, error = _read_rep(path, dim)
+        if error is not None:
+            bad.append({"file": path.relative_to(reps).as_posix(), "error": error})
+            continue
+        rows.append(vector)
+        labels.append(label)
+        keys.append(key)
+    extra = sorted(p.relative_to(reps).as_posix() for p in reps.rglob("*.npy") if p.relative_to(reps).as_posix()
+                   not in matched)
+    if not rows:
+        raise UsageError(f"no usable .npy file under {reps} for the images of {images} ({len(missing)} missing, "
+                         f"{len(bad)} bad{': ' + bad[0]['error'] if bad else ''}); check both paths")
+    embeddings = torch.from_numpy(np.stack(rows))
+    if config.encoder.normalize:
+        embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+    agreement = _spot_check(embeddings, keys, entries, images, pack, check, device)
+    meta = write_bank(out, embeddings, labels, keys, class_names, encoder_id(config), source=str(images), extra={
+        "pack": str(pack), "reps": str(reps), "decoder": "none (precomputed representations)",
+        "num_skipped": len(missing) + len(bad), "num_missing": len(missing), "num_bad": len(bad),
+        "num_extra": len(extra), "missing": missing[:MAX_LISTED], "bad": bad[:MAX_LISTED],
+        "extra": extra[:MAX_LISTED], "spot_check": agreement,
+    })
+    return {"embedded": len(keys), "dim": meta["dim"], "out": str(out), "missing": missing, "bad": bad,
+            "extra": extra, "spot_check": agreement}
+
+
+def _read_rep(path: Path, dim: int) -> tuple[np.ndarray | None, str | None]:
+    """(vector (dim,) float32, None) or (None, why the file is not usable). Never unpickles."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        return None, f"unreadable .npy ({type(e).__name__}: {str(e)[:120]})"
+    if array.dtype.name not in REP_DTYPES:
+        return None, f"dtype {array.dtype} (expected one of {', '.join(REP_DTYPES)})"
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.shape != (dim,):
+        return None, f"shape {tuple(array.shape)} (expected ({dim},), the pack's conditioning width)"
+    if not np.isfinite(array).all():
+        return None, f"{int((~np.isfinite(array)).sum())} non-finite value(s)"
+    return array.astype(np.float32), None
+
+
+def _spot_check(embeddings: torch.Tensor, keys: list[str], entries, images: Path, pack, check: int,
+                device: str) -> dict | None:
+    """Cosine between `check` given representations and the pack's own encoding of their images."""
+    if check <= 0:
+        return None
+    from synthgen.decode import decode_pil
+
+    paths = {key: rel for key, _, rel in entries}
+    picks = np.unique(np.linspace(0, len(keys) - 1, min(check, len(keys))).round().astype(int))
+    encoder = load_pack(pack, device=device, components=("encoder",)).encoder
+    cosines = []
+    for i in picks:
+        image, error = decode_pil((images / paths[keys[i]]).read_bytes())
+        if image is None:
+            continue
+        with torch.inference_mode():
+            mine = encoder(to_float_chw(image).to(device))[0].float().cpu()
+        cosines.append(float(torch.nn.functional.cosine_similarity(mine, embeddings[i], dim=0)))
+    if not cosines:
+        return None
+    return {"images": len(cosines), "min_cosine": round(min(cosines), 6), "mean_cosine": round(float(np.mean(cosines)), 6)}

@@ -380,8 +380,16 @@ def denoise_call(pack, inputs: StageInputs, cfg: BenchConfig, batch: int, device
     gen = torch.Generator().manual_seed(batch)
     x = torch.randn((batch, *pack.config.denoiser.sample_shape), generator=gen).to(device, dtype)  # (B, C, H, W)
     t = torch.full((batch,), pack.config.schedule.num_train_timesteps / 2, device=device)  # mid-schedule
-    null = pack.null_condition.to(device, dtype)
+    null = bench_null(pack, inputs.conditions).to(device, dtype)
     return lambda: cond_uncond(pack.denoiser, x, t, cond, null, cfg.cfg)
+
+
+def bench_null(pack, conditions: torch.Tensor) -> torch.Tensor:
+    """The pack's null condition; zeros for a pack without one (the same work: only throughput is measured)."""
+    from synthgen.models.denoiser import resolve_null
+
+    null = resolve_null(pack.config.denoiser.null_condition, pack.null_condition, conditions.float())
+    return torch.zeros(conditions.shape[1]) if null is None else null.cpu()
 
 
 def batch_stages(pack, inputs: StageInputs, cfg: BenchConfig, batch: int, device: torch.device,
@@ -468,21 +476,21 @@ def diffusers_scheduler(sampler: str, schedule: NoiseSchedule):
     import diffusers
 
     base = dict(num_train_timesteps=schedule.num_train_timesteps, beta_schedule=schedule.beta_schedule,
-                beta_start=schedule.beta_start, beta_end=schedule.beta_end)
+                beta_start=schedule.beta_start, beta_end=schedule.beta_end,
+                timestep_spacing=schedule.spacing(sampler), steps_offset=schedule.steps_offset)
     if schedule.prediction_type == "flow":
         return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=schedule.num_train_timesteps,
                                                          shift=schedule.flow_shift)
     pred = dict(prediction_type=schedule.prediction_type)
     clip = dict(clip_sample=schedule.clip_sample, clip_sample_range=schedule.clip_sample_range)
     if sampler == "ddpm":
-        return diffusers.DDPMScheduler(**base, **pred, **clip, variance_type="fixed_small",
-                                       timestep_spacing="leading")
+        return diffusers.DDPMScheduler(**base, **pred, **clip, variance_type="fixed_small")
     if sampler == "ddim":
-        return diffusers.DDIMScheduler(**base, **pred, **clip, set_alpha_to_one=True, timestep_spacing="leading")
+        return diffusers.DDIMScheduler(**base, **pred, **clip, set_alpha_to_one=schedule.set_alpha_to_one)
     if sampler == "dpmpp_2m":
         return diffusers.DPMSolverMultistepScheduler(**base, **pred, solver_order=2, algorithm_type="dpmsolver++",
-                                                     timestep_spacing="linspace", final_sigmas_type="zero")
-    return diffusers.EulerDiscreteScheduler(**base, **pred, timestep_spacing="linspace", final_sigmas_type="zero")
+                                                     final_sigmas_type="zero")
+    return diffusers.EulerDiscreteScheduler(**base, **pred, final_sigmas_type="zero")
 
 
 @torch.no_grad()
@@ -505,7 +513,7 @@ def naive_call(pack, cond: torch.Tensor, cfg: BenchConfig, steps: int, gen: torc
     guided = cfg.cfg != 1.0
     c = cond.to(dtype)
     if guided:
-        c = torch.cat([pack.null_condition.to(device, dtype).expand(b, -1), c])
+        c = torch.cat([bench_null(pack, cond).to(device, dtype).expand(b, -1), c])
     for t in scheduler.timesteps:
         xin = (x if flow else scheduler.scale_model_input(x, t)).to(dtype)
         xin = torch.cat([xin, xin]) if guided else xin
@@ -549,10 +557,13 @@ def run_naive(pack, inputs: StageInputs, cfg: BenchConfig, steps: int, out: Path
 def run_e2e(pack_dir: Path, bank_dir: Path, cfg: BenchConfig, steps: int, batch: int, n: int,
             out: Path) -> tuple[int, float, float]:
     """The real `run_generate` with the bench's settings: (images, seconds excluding load, wall seconds)."""
+    from synthgen.pack import read_pack_config
     from synthgen.pipeline import run_generate
 
+    # A pack without a null (an imported UNet) is timed with zeros as the null: the same work (see bench_null).
+    null = "zeros" if read_pack_config(pack_dir).denoiser.null_condition == "none" else "pack"
     gcfg = GenerateConfig(
-        n=n, out=out, pack=pack_dir, bank=bank_dir, sampler=cfg.sampler, steps=steps, cfg=cfg.cfg,
+        n=n, out=out, pack=pack_dir, bank=bank_dir, sampler=cfg.sampler, steps=steps, cfg=cfg.cfg, null=null,
         format=cfg.format, quality=cfg.quality, dtype=cfg.dtype, batch=batch, decode_batch=cfg.decode_batch,
         filter_batch=cfg.filter_batch, device=cfg.device, backend=cfg.backend, overwrite=True, progress=False,
     )

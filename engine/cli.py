@@ -63,6 +63,64 @@ def pack_random(
     _say(_inspect_lines(out))
 
 
+@pack_app.command("import")
+def pack_import(
+    encoder: Path = typer.Option(..., help="Image encoder: a transformers folder (Dinov2Model, "
+                                 "Dinov2WithRegistersModel, DINOv3ViTModel, CLIPVisionModel[WithProjection], CLIPModel), "
+                                 "a timm folder or safetensors file, or a torch-hub DINOv2 state dict (.pth)."),
+    denoiser: Path = typer.Option(..., help="A diffusers UNet2DConditionModel folder, a diffusers pipeline folder "
+                                  "(unet/, vae/, scheduler/ taken from it), or a torch.save(unet) pickle."),
+    out: Path = typer.Option(..., help="Pack folder to write."),
+    vae: Optional[Path] = typer.Option(None, help="diffusers AutoencoderKL / AutoencoderTiny folder (default: the "
+                                       "pipeline's vae/; none for a pixel-space UNet)."),
+    scheduler: Optional[str] = typer.Option(None, help="diffusers scheduler config (scheduler_config.json or its "
+                                            "folder), or 'sd' for the SD-1.x schedule (default: the pipeline's)."),
+    recipe: str = typer.Option("auto", help="Preprocessing and pooling the model was trained with: rep-ldm-dinov2 | "
+                               "rep-ldm-clip | dinov2-hf | clip-hf | dinov3-hf | a .toml/.json recipe file | auto "
+                               "(rep-ldm-dinov2 for DINOv2, rep-ldm-clip for CLIP, dinov3-hf for DINOv3)."),
+    trust_pickle: bool = typer.Option(False, help="Allow pickle checkpoints (.bin/.pt/.pth/.ckpt): loaded ONCE "
+                                      "here and converted to safetensors. Only for files you trust: loading a "
+                                      "pickle runs the code in it."),
+    null: str = typer.Option("none", help="none | zeros | mean: the unconditional input for guidance. 'none' "
+                             "(no learned null in the checkpoint) refuses --cfg > 1 unless generate names one."),
+    license: str = typer.Option("", help="Licence of the weights (default: what the folders' model cards say)."),
+    encoder_arch: Optional[str] = typer.Option(None, help="timm architecture of a bare timm safetensors file, e.g. "
+                                               "vit_base_patch14_dinov2."),
+    image_size: Optional[int] = typer.Option(None, min=8, help="Expected image size; checked against the UNet's "
+                                             "sample_size x the VAE's downsampling."),
+    name: Optional[str] = typer.Option(None, help="Pack name (default: the --out folder's name)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+):
+    """Import pretrained checkpoints into a pack: encoder + conditioned UNet (+ VAE, scheduler).
+
+    Everything is read and validated before anything is written: the encoder's width against the UNet's
+    cross_attention_dim (a CLIP projection is used when that is what fits), the UNet's channels against
+    the VAE's latents, the image size. Weights are copied exactly into synthgen's networks (timm ViTs,
+    diffusers UNet/VAE) and stored as safetensors; 'pack inspect' shows sources, recipe and licence.
+
+    The published recipe (DINOv2 ViT-B/14 + SD-1.x UNet on SD-VAE latents, UNet saved with torch.save):
+
+      synthgen pack import --encoder dinov2-base/ --denoiser unet.pt --trust-pickle --vae sd-vae/ \
+          --scheduler sd --recipe rep-ldm-dinov2 --out packs/rep-ldm
+
+      synthgen embed --images imagenet100/train --pack packs/rep-ldm --out banks/in100
+
+      synthgen generate --n 1M --pack packs/rep-ldm --bank banks/in100 --sampler ddpm --steps 100 --out runs/in100
+    """
+    from synthgen.importing.pack_import import ImportOptions, import_pack
+
+    report = import_pack(ImportOptions(
+        encoder=encoder, denoiser=denoiser, out=out, vae=vae, scheduler=scheduler, recipe=recipe,
+        trust_pickle=trust_pickle, null=null, license=license, encoder_arch=encoder_arch, image_size=image_size,
+        name=name, overwrite=overwrite,
+    ))
+    typer.echo(f"imported pack {report.config.name!r} into {out}")
+    for note in report.notes:
+        typer.echo(f"  note: {note}")
+    typer.echo(f"  the source scheduler is closest to --sampler {report.sampler}")
+    _say(_inspect_lines(out))
+
+
 @pack_app.command("inspect")
 def pack_inspect(pack: Path = typer.Argument(..., help="Pack folder.")):
     """Print a pack's components, parameter counts and FLOPs per image (per step for the denoiser)."""
@@ -86,6 +144,14 @@ def _inspect_lines(pack: Path) -> list[str]:
     ]
     for c in pack_costs(config):
         lines.append(f"{c.name:<10}  {c.network:<28} {c.params:>12,} {c.flops / 1e9:>10.3f}  {c.what}")
+    e = config.encoder
+    lines.append(f"recipe      {e.recipe or '(none named)'}: {e.resize_mode} {e.resize} {e.interpolation}, crop {e.crop}, "
+                 f"{e.embedding} token{', L2-normalised' if e.normalize else ''}")
+    for component, entry in config.provenance.items():
+        extra = ", converted from a pickle" if entry.get("converted_from_pickle") else ""
+        lines.append(f"source      {component}: {entry.get('class', '?')} from {entry.get('source', '?')}{extra}")
+    if config.license:
+        lines.append(f"license     {config.license}")
     if config.random_weights:
         lines.append("NOTE        random weights: generated images are noise")
     return lines
@@ -107,6 +173,11 @@ def embed(
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 encoder precision."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     decoder: str = typer.Option("auto", help="auto | dali | pil: image decoder (auto = DALI when installed)."),
+    reps: Optional[Path] = typer.Option(None, help="Representations already extracted, one .npy per image "
+                                        "(REPS/<class>/<name>.npy for IMAGES/<class>/<name>.jpg): the bank is built "
+                                        "from them instead of running the encoder."),
+    check: int = typer.Option(8, min=0, help="With --reps: re-embed this many images with the pack's encoder and "
+                              "report the cosine to their .npy (a low one means another recipe made them)."),
 ):
     """Encode real images into an embedding bank (float16 embeddings, labels, keys, class names).
 
@@ -114,11 +185,21 @@ def embed(
     Images are decoded and resized by NVIDIA DALI when it is installed (on the GPU with --device cuda),
     else by PIL; the decoder used is printed and recorded in bank.json.
 
-    Example: synthgen embed --images builtin:digits:train --pack packs/tiny --out banks/digits
+    With --reps, each image's representation is read from its .npy instead (dimension, dtype and finite
+    values checked; missing, bad and extra files counted and listed in bank.json).
+
+    Examples:
+
+      synthgen embed --images builtin:digits:train --pack packs/tiny --out banks/digits
+
+      synthgen embed --reps reps/train --images imagenet100/train --pack packs/rep-ldm --out banks/in100
     """
     from synthgen.bank import build_bank
     from synthgen.pipeline import TORCH_DTYPES, resolve_device
 
+    if reps is not None:
+        _embed_reps(reps, images, pack, out, check, str(resolve_device(device)), progress)
+        return
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     summary = build_bank(images, pack, out, batch, str(resolve_device(device)), TORCH_DTYPES[dtype], progress,
@@ -129,6 +210,29 @@ def embed(
         typer.echo(f"skipped {len(summary['skipped'])} unreadable input(s) (listed in {out}/bank.json):")
         for s in summary["skipped"][:10]:
             typer.echo(f"  {s['key']}: {s['error']}")
+
+
+def _embed_reps(reps: Path, images: str, pack: Path, out: Path, check: int, device: str, progress: bool) -> None:
+    from synthgen.bank import build_bank_from_reps
+
+    summary = build_bank_from_reps(reps, images, pack, out, check=check, device=device, progress=progress)
+    typer.echo(f"read {summary['embedded']} representations ({summary['dim']}-d) from {reps} into {out}")
+    for what in ("missing", "bad", "extra"):
+        items = summary[what]
+        if items:
+            label = {"missing": "images without a .npy", "bad": "unusable .npy files",
+                     "extra": ".npy files without an image (ignored)"}[what]
+            typer.echo(f"{len(items)} {label} (listed in {out}/bank.json), e.g.:")
+            for item in items[:5]:
+                typer.echo(f"  {item if isinstance(item, str) else item['file'] + ': ' + item['error']}")
+    spot = summary["spot_check"]
+    if spot:
+        typer.echo(f"spot check: the pack's encoder on {spot['images']} images agrees with their .npy at cosine "
+                   f"min {spot['min_cosine']:.4f}, mean {spot['mean_cosine']:.4f}")
+        if spot["min_cosine"] < 0.99:
+            typer.echo("WARNING: below 0.99: the .npy files were probably made with another preprocessing or "
+                       "pooling than the pack's recipe ('synthgen pack inspect'); re-import with the right --recipe",
+                       err=True)
 
 
 # ---- generate ----------------------------------------------------------------------------------------
@@ -145,6 +249,9 @@ def generate(
     sampler: str = typer.Option(_default("sampler"), help=" | ".join(SAMPLERS)),
     steps: int = typer.Option(_default("steps"), min=1, help="Denoising steps."),
     cfg: float = typer.Option(_default("cfg"), min=0.0, help="Guidance scale on the representation (1 = off)."),
+    null: str = typer.Option(_default("null"), help="pack | zeros | mean: the unconditional input of guidance "
+                             "(the pack's own; an imported UNet without a learned null needs zeros or mean, the "
+                             "bank's mean embedding)."),
     mode: str = typer.Option(_default("mode"), help=" | ".join(MODES) + ": how conditions come from the bank."),
     lam: float = typer.Option(_default("lam"), min=0.0, help="Std of the noise added to the embedding."),
     balance: str = typer.Option(_default("balance"), help=" | ".join(BALANCES) + ": class-balanced or bank-proportional."),
@@ -216,7 +323,7 @@ def generate(
     from synthgen.pipeline import Interrupted, run_generate
 
     config = GenerateConfig(
-        n=n, out=out, pack=pack, bank=bank, sampler=sampler, steps=steps, cfg=cfg, mode=mode, lam=lam,
+        n=n, out=out, pack=pack, bank=bank, sampler=sampler, steps=steps, cfg=cfg, null=null, mode=mode, lam=lam,
         balance=balance, min_score=min_score, keep_top=keep_top, keep_top_group=keep_top_group,
         max_oversample=max_oversample, seed=seed, shard_size=shard_size, format=format, quality=quality,
         save_cond=save_cond, dtype=dtype, batch=batch, device=device, shards=shards, overwrite=overwrite,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from synthgen.errors import UsageError
 from synthgen.filtering import FilterConfig
+from synthgen.models.denoiser import NULL_CHOICES
 from synthgen.plan import PlanConfig
 from synthgen.samplers import SAMPLERS
 from synthgen.scheduler import BatchSizes, default_buckets
@@ -99,6 +100,7 @@ class GenerateConfig:
     sampler: str = "dpmpp_2m"
     steps: int = 20
     cfg: float = 1.0
+    null: str = "pack"  # the unconditional input of guidance: the pack's | zeros | the bank's mean embedding
     mode: str = "reuse"
     lam: float = 0.0
     balance: str = "class"
@@ -141,6 +143,7 @@ class GenerateConfig:
             object.__setattr__(self, "shards", parse_shard_range(self.shards))
         object.__setattr__(self, "batch_buckets", parse_buckets(self.batch_buckets))
         _choice("--sampler", self.sampler, SAMPLERS)
+        _choice("--null", self.null, NULL_CHOICES)
         _choice("--format", self.format, FORMATS)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--device", self.device, DEVICES)
@@ -208,8 +211,13 @@ class GenerateConfig:
         return self.shard_size * (self.max_oversample if self.filter_config.active else 1)
 
     def identity(self) -> dict:
-        """The fields that decide the images (pack and bank hashes are added by the run folder)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in EXECUTION_FIELDS}
+        """The fields that decide the images (pack and bank hashes are added by the run folder).
+
+        Fields added after runs were first written are left out at their defaults, so a folder written
+        before them still resumes."""
+        later = {"null": "pack"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in EXECUTION_FIELDS and not (f.name in later and getattr(self, f.name) == later[f.name])}
 
     def to_dict(self) -> dict:
         d = asdict(self)

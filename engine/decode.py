@@ -12,11 +12,12 @@ is data, never an exception (DESIGN.md: failures are data).
 
 `make_decoder("auto" | "dali" | "pil", ...)` validates the choice, picks a decoder and logs it in one line.
 
-Resize: with `resize=S` the shorter side becomes S and the longer one round-half-up(long * S / short):
-DALI's rule for `resize_shorter` (checked on a grid of shapes in tests/test_decode.py); the PIL path
-uses the same sizes. (The encoders' own `resize_shorter` rounds half to even, so at an exact half the
-long side is one pixel longer here; the centre crop that follows absorbs it.) Without `resize`, images
-keep their decoded size.
+Resize: the first step of the pack encoder's preprocessing, done at decode time so batches of large photos
+stay small (`synthgen.models.encoder.ResizeRule`: the shorter side to S with the long side rounded half up
+or floored, or an S x S square; antialiased bilinear or bicubic). Both decoders take the output size from
+that one rule: the PIL path resizes with the encoders' own torch resize, and DALI is given each image's
+size explicitly (from the header PIL parses anyway, EXIF orientation applied), so DALI's own rounding
+never decides a size. Without `resize`, images keep their decoded size.
 
 Verified where: the CPU DALI path and the PIL path run in tests/test_decode.py on a CPU-only machine
 (decoding is bitwise equal; the two resizes differ by a mean of < 0.5 uint8 units). The GPU path
@@ -36,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from synthgen.errors import UsageError
+from synthgen.models.encoder import ResizeRule
 
 DECODERS = ("auto", "dali", "pil")
 MAX_ERROR_CHARS = 200
@@ -71,14 +73,12 @@ def short_error(exc: BaseException) -> str:
 
 
 def output_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(H, W) after resizing the shorter side to `size`, the longer rounded half up (DALI's rule)."""
-    short = min(height, width)
+    """(H, W) after resizing the shorter side to `size`, the longer rounded half up."""
+    return ResizeRule(size).output(height, width)
 
-    def scaled(n: int) -> int:
-        # Integer arithmetic: n * size / short rounded half up, with no float error at exact halves.
-        return (2 * n * size + short) // (2 * short)
 
-    return scaled(height), scaled(width)
+def as_rule(resize: ResizeRule | int | None) -> ResizeRule | None:
+    return ResizeRule(resize) if isinstance(resize, int) else resize
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,19 +120,20 @@ def decode_pil(blob: bytes) -> Decoded:
         return None, short_error(exc)
 
 
-def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H', W', 3) uint8 with the shorter side `size` (see `output_size`).
+def resize_uint8(image: np.ndarray, rule: ResizeRule | int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H', W', 3) uint8 at the size `rule` gives.
 
-    Antialiased bilinear in float32, rounded: the interpolation the encoders' `resize_shorter` uses.
+    In float32 with the encoders' own `resize`, rounded back to uint8.
     """
     import torch  # noqa: PLC0415 - only the PIL path resizes on the host
-    import torch.nn.functional as F  # noqa: PLC0415, N812
 
-    out = output_size(image.shape[0], image.shape[1], size)
-    if out == image.shape[:2]:
+    from synthgen.models.encoder import resize  # noqa: PLC0415 - torch and the encoder only when resizing
+
+    rule = as_rule(rule)
+    if rule.output(*image.shape[:2]) == image.shape[:2]:
         return image
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
-    x = F.interpolate(x, size=out, mode="bilinear", antialias=True, align_corners=False)
+    x = resize(x, rule)
     return x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy().copy()
 
 
@@ -141,8 +142,8 @@ class PilDecoder:
 
     name = "pil"
 
-    def __init__(self, resize: int | None = None, batch_size: int = 64, reason: str = ""):
-        self.resize, self.batch_size = resize, batch_size
+    def __init__(self, resize: ResizeRule | int | None = None, batch_size: int = 64, reason: str = ""):
+        self.resize, self.batch_size = as_rule(resize), batch_size
         self.description = "pil" + (f" ({reason})" if reason else "")
 
     def decode(self, blobs: Sequence[bytes]) -> list[Decoded]:
@@ -181,22 +182,30 @@ def cuda_device_id(device: str) -> int | None:
     return dev.index if dev.index is not None else torch.cuda.current_device()
 
 
-def routes_to_dali(blob: bytes) -> bool:
-    """Whether DALI should decode `blob`: PIL parses only the header (microseconds, no pixels) and the
-    format and mode must be ones DALI decodes like PIL (DALI_FORMATS, DALI_MODES).
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
-    Garbage, empty and non-image blobs fail here and go to PIL, which says why; that keeps them out of
-    DALI batches, where one bad blob fails the whole batch.
+
+def dali_shape(blob: bytes) -> tuple[int, int] | None:
+    """The upright (H, W) of `blob` if DALI should decode it, else None (it goes to PIL).
+
+    PIL parses only the header (microseconds, no pixels); the format and mode must be ones DALI decodes like
+    PIL (DALI_FORMATS, DALI_MODES). Garbage, empty and non-image blobs fail here and go to PIL, which says
+    why; that keeps them out of DALI batches, where one bad blob fails the whole batch.
     """
     try:
         with Image.open(io.BytesIO(blob)) as img:
-            return img.format in DALI_FORMATS and img.mode in DALI_MODES
+            if img.format not in DALI_FORMATS or img.mode not in DALI_MODES:
+                return None
+            width, height = img.size
+            if img.getexif().get(0x0112) in _ROTATED:  # both decoders turn the image upright
+                width, height = height, width
+            return height, width
     except DECODE_ERRORS:
-        return False
+        return None
 
 
 class DaliDecoder:
-    """A DALI pipeline fed with encoded bytes: decode, then resize the shorter side to `resize`.
+    """A DALI pipeline fed with encoded bytes and each image's output size: decode, then resize.
 
     device: a torch device string. "cuda[:N]" with CUDA available uses `device="mixed"` decoding and a
     GPU resize on GPU N (real code against DALI's documented API, NOT run: no GPU where it was written);
@@ -204,7 +213,7 @@ class DaliDecoder:
     to host memory either way, so both give (H, W, 3) uint8 numpy arrays.
 
     Corrupt input: DALI raises for a whole batch when one blob in it fails, says neither which blob nor
-    why ("nvImageCodec failure: '#4'"), and marks the pipeline as no longer valid. So (1) `routes_to_dali`
+    why ("nvImageCodec failure: '#4'"), and marks the pipeline as no longer valid. So (1) `dali_shape`
     keeps what PIL cannot even identify out of DALI batches, and (2) a batch that still fails (a valid
     header over corrupt or truncated data) is decoded again by the PIL path, which finds the bad blob(s)
     and gives a readable reason, and the pipeline is rebuilt (~10 ms). Retrying image by image in DALI
@@ -215,15 +224,15 @@ class DaliDecoder:
 
     name = "dali"
 
-    def __init__(self, resize: int | None = None, batch_size: int = 64, device: str = "cpu",
+    def __init__(self, resize: ResizeRule | int | None = None, batch_size: int = 64, device: str = "cpu",
                  num_threads: int | None = None):
         import torch  # noqa: PLC0415
 
-        self.resize, self.batch_size = resize, batch_size
+        self.resize, self.batch_size = as_rule(resize), batch_size
         # Decoding and encoding take turns in embed, so DALI gets the threads torch uses (OMP_NUM_THREADS).
         self.num_threads = num_threads or max(1, torch.get_num_threads())
         self.device_id = cuda_device_id(device)
-        self.fallback = PilDecoder(resize, batch_size)
+        self.fallback = PilDecoder(self.resize, batch_size)
         self.failed_batches = 0  # batches DALI could not decode, handed to PIL
         self._pipe = None
         where = "'cpu'" if self.device_id is None else "'mixed'"
@@ -232,15 +241,17 @@ class DaliDecoder:
     def decode(self, blobs: Sequence[bytes]) -> list[Decoded]:
         """(image (H, W, 3) uint8, None) or (None, error) per blob, in order; never raises for a bad blob."""
         results: list[Decoded | None] = [None] * len(blobs)
-        to_dali = []
+        to_dali, shapes = [], {}
         for i, blob in enumerate(blobs):
-            if routes_to_dali(blob):
+            shape = dali_shape(blob)
+            if shape is not None:
                 to_dali.append(i)
+                shapes[i] = shape
             else:
                 results[i] = self.fallback.decode([blob])[0]
         for start in range(0, len(to_dali), self.batch_size):
             chunk = to_dali[start : start + self.batch_size]
-            images = self._run([blobs[i] for i in chunk])
+            images = self._run([blobs[i] for i in chunk], [shapes[i] for i in chunk])
             if images is None:
                 self.failed_batches += 1
                 decoded = self.fallback.decode([blobs[i] for i in chunk])
@@ -250,10 +261,14 @@ class DaliDecoder:
                 results[i] = pair
         return results
 
-    def _run(self, blobs: list[bytes]) -> list[np.ndarray] | None:
-        """(H, W, 3) uint8 per blob, or None when DALI failed on the batch."""
+    def _run(self, blobs: list[bytes], shapes: list[tuple[int, int]]) -> list[np.ndarray] | None:
+        """(H, W, 3) uint8 per blob, or None when DALI failed on the batch. shapes: each blob's upright (H, W)."""
         pipe = self._pipeline()
         pipe.feed_input("encoded", [np.frombuffer(blob, dtype=np.uint8) for blob in blobs])
+        if self.resize:
+            sizes = [self.resize.output(h, w) for h, w in shapes]
+            pipe.feed_input("out_h", [np.float32(h) for h, _ in sizes])
+            pipe.feed_input("out_w", [np.float32(w) for _, w in sizes])
         try:
             (out,) = pipe.run()
         except RuntimeError:
@@ -270,8 +285,9 @@ class DaliDecoder:
         return self._pipe
 
 
-def _build_pipeline(batch_size: int, num_threads: int, device_id: int | None, resize: int | None):
-    """A built DALI pipeline: external_source "encoded" (1-D uint8 per sample) -> (H, W, 3) uint8 RGB."""
+def _build_pipeline(batch_size: int, num_threads: int, device_id: int | None, resize: ResizeRule | None):
+    """A built DALI pipeline: external_source "encoded" (1-D uint8 per sample) -> (H, W, 3) uint8 RGB, resized
+    to the per-sample sizes fed as "out_h" / "out_w" (float32 scalars) when `resize` is set."""
     from nvidia.dali import fn, pipeline_def, types  # noqa: PLC0415 - DALI is optional
 
     # prefetch_queue_depth=1: each batch is fed and then run at once, nothing to prefetch ahead.
@@ -284,8 +300,11 @@ def _build_pipeline(batch_size: int, num_threads: int, device_id: int | None, re
             jpeg_fancy_upsampling=True,
         )
         if resize:
-            # subpixel_scale=False: scale by the rounded output size, as torch's interpolate(size=...) does.
-            images = fn.resize(images, resize_shorter=resize, antialias=True, interp_type=types.INTERP_LINEAR,
+            out_h = fn.external_source(name="out_h", dtype=types.FLOAT, ndim=0)
+            out_w = fn.external_source(name="out_w", dtype=types.FLOAT, ndim=0)
+            interp = types.INTERP_CUBIC if resize.interpolation == "bicubic" else types.INTERP_LINEAR
+            # subpixel_scale=False: scale by the whole output size, as torch's interpolate(size=...) does.
+            images = fn.resize(images, resize_x=out_w, resize_y=out_h, antialias=True, interp_type=interp,
                                subpixel_scale=False)
         return images
 
@@ -300,9 +319,12 @@ def _build_pipeline(batch_size: int, num_threads: int, device_id: int | None, re
 
 
 def make_decoder(
-    choice: str = "auto", resize: int | None = None, batch_size: int = 64, device: str = "cpu"
+    choice: str = "auto", resize: ResizeRule | int | None = None, batch_size: int = 64, device: str = "cpu",
 ) -> DaliDecoder | PilDecoder:
     """The decoder `choice` names ("auto": DALI when importable, else PIL), logged in one line.
+
+    resize: the first step of the encoder's preprocessing (`EncoderSpec.resize_rule`), done at decode time
+    so batches of large photos stay small; the encoder's own resize is then a no-op.
 
     UsageError for an unknown choice, or for "dali" where DALI is not importable.
     """

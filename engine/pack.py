@@ -33,7 +33,10 @@ PACK_FORMAT = "synthgen-pack/1"
 DEFAULT_PACK = Path(__file__).resolve().parent / "default_pack"
 PACK_JSON = "pack.json"
 COMPONENTS = ("encoder", "denoiser", "vae", "extras")
-NULL_CONDITIONS = ("zeros", "learned")
+# What classifier-free guidance uses as the unconditional input: zeros, a learned vector (extras), the bank's
+# mean embedding (resolved at generate), or "none": the checkpoint has no null (imported UNets), so guidance
+# is refused unless generate names one (--null zeros|mean).
+NULL_CONDITIONS = ("zeros", "learned", "mean", "none")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -79,6 +82,8 @@ class PackConfig:
     description: str = ""
     random_weights: bool = False  # True: the images are noise; for tests and throughput only
     weights: dict = field(default_factory=dict)  # component -> {"file": name, "sha256": hex}
+    provenance: dict = field(default_factory=dict)  # component -> where it came from (pack import)
+    license: str = ""  # the licence(s) of the weights, as their sources state them
 
     def __post_init__(self):
         c, h, w = self.denoiser.sample_shape
@@ -99,6 +104,10 @@ class PackConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["schedule"] = self.schedule.to_dict()
+        d["encoder"] = self.encoder.to_dict()
+        for later in ("provenance", "license"):  # added later: absent when empty, so older packs keep their hash
+            if not d[later]:
+                del d[later]
         return {"format": PACK_FORMAT, **d}
 
     @classmethod
@@ -117,6 +126,8 @@ class PackConfig:
                 description=d.get("description", ""),
                 random_weights=bool(d.get("random_weights", False)),
                 weights=d.get("weights", {}),
+                provenance=d.get("provenance", {}),
+                license=d.get("license", ""),
             )
         except UsageError:
             raise  # already says what is wrong
@@ -134,7 +145,7 @@ class Pack:
     encoder: ImageEncoder | None
     denoiser: Denoiser | None
     vae: LatentDecoder | None
-    null_condition: torch.Tensor  # (D,) float32
+    null_condition: torch.Tensor | None  # (D,) float32; None when the pack's null is "mean" or "none"
 
 
 # ---- Reading ------------------------------------------------------------------------------------
@@ -260,13 +271,15 @@ def load_pack(
         v = config.vae
         vae = LatentDecoder(v.kind, load("vae", lambda: build_vae_module(v.kind, v.config)), v.scaling_factor).eval()
     # The null condition belongs to the denoiser: an encoder-only load (embed) does not need extras.
-    null = _null_condition(root, config) if denoiser is not None else torch.zeros(config.denoiser.cond_dim)
+    null = _null_condition(root, config) if denoiser is not None else None
     return Pack(root, config, pack_hash(config), encoder, denoiser, vae, null)
 
 
-def _null_condition(root: Path, config: PackConfig) -> torch.Tensor:
+def _null_condition(root: Path, config: PackConfig) -> torch.Tensor | None:
     if config.denoiser.null_condition == "zeros":
         return torch.zeros(config.denoiser.cond_dim)
+    if config.denoiser.null_condition in ("mean", "none"):
+        return None  # resolved against the bank by generate (models.denoiser.resolve_null)
     extras = _load_state(weights_file(root, config, "extras"), "extras")
     null = extras.get("null_condition")
     if null is None or tuple(null.shape) != (config.denoiser.cond_dim,):

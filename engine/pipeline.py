@@ -49,7 +49,7 @@ from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
 from synthgen.filtering import accept_group
 from synthgen.kernels.dispatch import cosine_filter, guided_step
-from synthgen.models.denoiser import cond_uncond
+from synthgen.models.denoiser import cond_uncond, null_kind, resolve_null
 from synthgen.noise import STREAM_INIT, STREAM_STEP0, gaussian
 from synthgen.pack import Pack, load_pack
 from synthgen.plan import Planner, SamplePlan, conditions
@@ -118,7 +118,7 @@ class Engine:
     device: torch.device
     dtype: torch.dtype
     embeddings: torch.Tensor  # (N, D) bank on the device
-    null: torch.Tensor  # (D,) on the device
+    null: torch.Tensor | None  # (D,) on the device; None without guidance on a pack that has no null
     sizes: BatchSizes
     image_encoder: str  # "nvjpeg" | "simplejpeg" | "pillow"
     batches: dict[str, AdaptiveBatch]  # working chunk size per stage, shrunk by out-of-memory errors
@@ -151,9 +151,10 @@ def load_engine(cfg: GenerateConfig) -> Engine:
     check_bank_fits_pack(bank, pack.config, cfg.pack)
     planner = Planner(bank.labels, bank.class_names, cfg.plan_config)
     sampler = make_plan(cfg.sampler, pack.config.schedule, cfg.steps, device=device)
+    embeddings = bank.embeddings.to(device)
+    null = resolve_null(null_kind(pack.config.denoiser.null_condition, cfg.null), pack.null_condition, embeddings)
     return Engine(
-        cfg, pack, bank, planner, sampler, device, dtype,
-        bank.embeddings.to(device), pack.null_condition.to(device), sizes,
+        cfg, pack, bank, planner, sampler, device, dtype, embeddings, null, sizes,
         resolve_image_encoder(cfg.image_encoder, cfg.format, device),
         {stage: AdaptiveBatch(stage, sizes.of(stage)) for stage in STAGES},
     )
@@ -263,7 +264,8 @@ def _denoise(engine: Engine, models: Models, seeds: torch.Tensor, cond: torch.Te
 
 
 def _sample(engine: Engine, models: Models, seeds: torch.Tensor, cond: torch.Tensor, cancel) -> torch.Tensor:
-    cond_in, null_in = cond.to(models.dtype), engine.null.to(models.dtype)
+    cond_in = cond.to(models.dtype)
+    null_in = None if engine.null is None else engine.null.to(models.dtype)
     shape, state, cfg_scale = engine.sample_shape, models.state_dtype, engine.cfg.cfg
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -746,6 +748,16 @@ def signals_deferred():
         raise Interrupted(signum)
 
 
+def check_guidance(cfg: GenerateConfig, pack_null: str) -> None:
+    """Guidance needs an unconditional input; a pack imported without a learned null has none to give."""
+    if cfg.cfg != 1.0 and null_kind(pack_null, cfg.null) == "none":
+        raise UsageError(
+            f"--cfg {cfg.cfg:g} needs an unconditional input, and pack {cfg.pack} has no learned null condition "
+            "(its denoiser was imported without one). Name one with --null zeros or --null mean (the bank's mean "
+            "embedding), or generate without guidance (--cfg 1, the default)"
+        )
+
+
 def describe_run(cfg: GenerateConfig) -> tuple[dict, dict, list[str]]:
     """(identity, dataset.json header, class names), checked without loading any weights.
 
@@ -758,6 +770,7 @@ def describe_run(cfg: GenerateConfig) -> tuple[dict, dict, list[str]]:
     config = read_pack_config(cfg.pack)
     bank = load_bank(resolve_bank_path(cfg))
     check_bank_fits_pack(bank, config, cfg.pack)
+    check_guidance(cfg, config.denoiser.null_condition)
     Planner(bank.labels, bank.class_names, cfg.plan_config)
     identity = {**cfg.identity(), "pack_hash": pack_hash(config), "bank_hash": bank.hash}
     header = {

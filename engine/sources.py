@@ -184,7 +184,8 @@ def _image_files(class_dir: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(class_dir).as_posix())
 
 
-def _open_image_folder(spec: str, root: Path) -> ImageSource:
+def folder_entries(spec: str, root: Path) -> tuple[list[str], list[tuple[str, int, Path]]]:
+    """(class names, [(key, label, relative path)]) of an ImageNet-style folder, in source order."""
     class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not _is_hidden(p)), key=lambda p: p.name)
     if not class_dirs:
         raise UsageError(
@@ -194,7 +195,7 @@ def _open_image_folder(spec: str, root: Path) -> ImageSource:
     paths, labels, names = [], [], []
     for label, class_dir in enumerate(class_dirs):
         for path in _image_files(class_dir):
-            paths.append(str(path))
+            paths.append(path.relative_to(root))
             labels.append(label)
             names.append(path.relative_to(root).with_suffix("").as_posix())
     if not paths:
@@ -202,8 +203,13 @@ def _open_image_folder(spec: str, root: Path) -> ImageSource:
             f"source {spec!r} has class subfolders but no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); "
             f"add images or point at another source ({_ACCEPTED_FORMS})"
         )
-    entries = tuple(zip(_unique_keys(names), labels, paths))
-    return ImageSource(spec, [p.name for p in class_dirs], len(entries), functools.partial(_iter_files, entries))
+    return [p.name for p in class_dirs], list(zip(_unique_keys(names), labels, paths))
+
+
+def _open_image_folder(spec: str, root: Path) -> ImageSource:
+    class_names, found = folder_entries(spec, root)
+    entries = tuple((key, label, str(root / rel)) for key, label, rel in found)
+    return ImageSource(spec, class_names, len(entries), functools.partial(_iter_files, entries))
 
 
 def _iter_files(entries: tuple[tuple[str, int, str], ...]) -> Iterator[RawItem]:

@@ -23,6 +23,7 @@ from synthgen import decode
 from synthgen.bank import build_bank, load_bank
 from synthgen.cli import app
 from synthgen.decode import DaliDecoder, PilDecoder, make_decoder, output_size
+from synthgen.models.encoder import ResizeRule
 from synthgen.errors import UsageError
 from synthgen.sources import open_source
 
@@ -146,11 +147,11 @@ def test_output_size_rule():
 
 
 def test_pil_resize_is_the_encoders_resize():
-    from synthgen.models.encoder import resize_shorter
+    from synthgen.models.encoder import resize
 
     image = _photos()[0][:200, :300]
     got = decode.resize_uint8(image, 64)
-    want = resize_shorter(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float(), 64)[0]
+    want = resize(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float(), 64)[0]
     assert got.shape == (64, 96, 3)
     np.testing.assert_array_equal(got, want.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
 
@@ -158,9 +159,16 @@ def test_pil_resize_is_the_encoders_resize():
 def test_dali_resize_follows_the_size_rule(dali):
     shapes = [(32, 45), (32, 47), (96, 135), (12, 16), (45, 32), (33, 47), (7, 7), (100, 37), (17, 250)]
     blobs = [_encode(Image.new("RGB", (w, h), (10, 20, 30)), "PNG") for h, w in shapes]
-    for size in (16, 24):
-        decoded = DaliDecoder(resize=size, batch_size=4).decode(blobs)
-        assert [img.shape[:2] for img, _ in decoded] == [output_size(h, w, size) for h, w in shapes]
+    for rule in (ResizeRule(16), ResizeRule(24), ResizeRule(24, rounding="floor"), ResizeRule(20, "square")):
+        decoded = DaliDecoder(resize=rule, batch_size=4).decode(blobs)
+        assert [img.shape[:2] for img, _ in decoded] == [rule.output(h, w) for h, w in shapes]
+
+
+def test_size_rule_roundings():
+    assert ResizeRule(256, rounding="floor").output(427, 640) == (256, 383)  # torchvision / transformers
+    assert ResizeRule(256).output(427, 640) == (256, 384)
+    assert ResizeRule(16, rounding="floor").output(32, 45) == (16, 22)
+    assert ResizeRule(256, "square").output(427, 640) == (256, 256)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,7 +176,11 @@ def test_dali_resize_follows_the_size_rule(dali):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("resize", [None, 48, 224])
+@pytest.mark.parametrize("resize", [
+    None, 48, 224,
+    # encoder recipes: the published DINOv2 transform's square, CLIP's bicubic with torchvision's floor
+    ResizeRule(48, "square"), ResizeRule(48, "shorter", "bicubic", "floor"),
+], ids=str)
 def test_dali_matches_pil_on_an_image_folder(dali, tmp_path, resize):
     root = _write_folder(tmp_path / "imgs", {**_good_blobs(), **_bad_blobs()})
     want = _decode_source(str(root), PilDecoder(resize=resize))
@@ -176,7 +188,8 @@ def test_dali_matches_pil_on_an_image_folder(dali, tmp_path, resize):
     assert sum(image is None for image, _ in got.values()) == len(_bad_blobs())
     _assert_same_decoding(got, want, resized=resize is not None)
     if resize:
-        assert all(min(img.shape[:2]) == resize for img, _ in got.values() if img is not None)
+        size = resize.size if isinstance(resize, ResizeRule) else resize
+        assert all(min(img.shape[:2]) == size for img, _ in got.values() if img is not None)
     else:
         rotated = next(image for key, (image, _) in got.items() if key.endswith("/rotated_jpg"))
         assert rotated.shape == (100, 150, 3)  # stored (150, 100) with EXIF orientation 6: turned upright

@@ -101,3 +101,13 @@ def test_lost_actor_shard_is_retried_elsewhere(ray_cluster, ray_kwargs, local_re
     assert killed, "no actor was killed"
     assert summary.complete and verify_run(run_dir).ok and shard_bytes(run_dir) == local_reference
     assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob("[0-9]*.lock"))
+
+
+def test_ray_run_of_an_imported_pack_equals_local_run(ray_cluster, imported_pack, tmp_path):
+    pack, bank = imported_pack
+    kw = dict(n=12, pack=pack, bank=bank, sampler="ddim", steps=2, shard_size=4, batch=4, device="cpu",
+              progress=False, cfg=2.0, null="mean")
+    run_generate(GenerateConfig(**kw, out=tmp_path / "local"))
+    summary = run_generate(GenerateConfig(**kw, out=tmp_path / "ray", executor="ray", workers=2))
+    assert summary.complete and verify_run(tmp_path / "ray").ok
+    assert shard_bytes(tmp_path / "ray") == shard_bytes(tmp_path / "local")

@@ -44,6 +44,28 @@ class Denoiser(nn.Module):
         return self.net(x, t, cond)
 
 
+NULL_CHOICES = ("pack", "zeros", "mean")  # generate --null: the pack's own, or one the user names
+
+
+def null_kind(pack_null: str, choice: str = "pack") -> str:
+    """The null condition a run uses: `choice` unless it defers to the pack ("pack")."""
+    return pack_null if choice == "pack" else choice
+
+
+def resolve_null(kind: str, learned: torch.Tensor | None, embeddings: torch.Tensor) -> torch.Tensor | None:
+    """The (D,) float32 unconditional input for null `kind`, or None ("none": the pack has no null).
+
+    learned: the pack's null vector ("learned"/"zeros" packs load one); embeddings: the bank (N, D).
+    """
+    if kind == "zeros":
+        return torch.zeros(embeddings.shape[1], dtype=torch.float32, device=embeddings.device)
+    if kind == "mean":
+        return embeddings.float().mean(dim=0)
+    if kind == "learned":
+        return learned.float()
+    return None
+
+
 def cond_uncond(
     denoiser: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, cfg: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -23,7 +23,45 @@ from synthgen.kernels import dispatch as kernels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EMBEDDINGS = ("cls", "pooled", "mean")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# "cls": the CLS token after the final norm (DINOv2/DINOv3 pooler_output; CLIP's post-layernorm CLS);
+# "cls_prenorm": the CLS token of the last block, before the final norm (CLIP's last_hidden_state[:, 0]);
+# "projected": the network's head applied to the normed CLS (CLIP's visual projection, image_embeds);
+# "pooled": timm's pre-logits pool; "mean": the mean of the patch tokens after the final norm.
+EMBEDDINGS = ("cls", "cls_prenorm", "projected", "pooled", "mean")
+RESIZE_MODES = ("shorter", "square")  # shorter side to `resize`, aspect kept | both sides to `resize`
+INTERPOLATIONS = ("bilinear", "bicubic")  # antialiased, as PIL resizes
+# The long side after a shorter-side resize: long * size / short rounded half up (DALI's rule, synthgen's first
+# packs) or floored (torchvision's Resize(int) and transformers' image processors).
+ROUNDINGS = ("half_up", "floor")
+# Fields added after packs were first written: left out of to_dict at their defaults, so the canonical JSON
+# (pack hashes, bank encoder ids) of every pack written before them is unchanged.
+_LATER_FIELDS = {"resize_mode": "shorter", "interpolation": "bilinear", "rounding": "half_up", "normalize": False,
+                 "recipe": ""}
+
+
+@dataclass(frozen=True)
+class ResizeRule:
+    """The first preprocessing step: to (size, size) ("square"), or the shorter side to `size` ("shorter")."""
+
+    size: int
+    mode: str = "shorter"
+    interpolation: str = "bilinear"
+    rounding: str = "half_up"
+
+    def output(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) of an image of (height, width) after this resize (integer arithmetic, no float error)."""
+        if self.mode == "square":
+            return self.size, self.size
+        short, size = min(height, width), self.size
+
+        def scaled(n: int) -> int:
+            if self.rounding == "floor":
+                return n * size // short
+            return (2 * n * size + short) // (2 * short)
+
+        return scaled(height), scaled(width)
 # timm name families the adapter knows how to read an embedding from.
 FAMILIES = {"dinov2": "_dinov2", "dinov3": "_dinov3", "clip": "_clip_"}
 
@@ -36,8 +74,13 @@ class EncoderSpec:
     crop: int = 224  # square input of the network
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    embedding: str = "cls"  # "cls": normed CLS token; "pooled": timm's pre-logits pool; "mean": patch mean
+    embedding: str = "cls"  # which output is the embedding (EMBEDDINGS)
     kwargs: dict = field(default_factory=dict)  # timm.create_model overrides (img_size, depth, ...)
+    resize_mode: str = "shorter"  # RESIZE_MODES
+    interpolation: str = "bilinear"  # INTERPOLATIONS
+    rounding: str = "half_up"  # ROUNDINGS
+    normalize: bool = False  # L2-normalise the embedding
+    recipe: str = ""  # the named recipe these preprocessing fields came from (synthgen.recipes), for the record
 
     def __post_init__(self):
         if not any(tag in self.model for tag in FAMILIES.values()) or not self.model.startswith("vit_"):
@@ -47,21 +90,37 @@ class EncoderSpec:
             )
         if self.embedding not in EMBEDDINGS:
             raise UsageError(f"encoder embedding {self.embedding!r} is not one of {EMBEDDINGS}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise UsageError(f"encoder resize_mode {self.resize_mode!r} is not one of {RESIZE_MODES}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise UsageError(f"encoder interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
+        if self.rounding not in ROUNDINGS:
+            raise UsageError(f"encoder rounding {self.rounding!r} is not one of {ROUNDINGS}")
+        if not isinstance(self.normalize, bool):
+            raise UsageError(f"encoder normalize {self.normalize!r} must be true or false")
         if not 0 < self.crop <= self.resize:
             raise UsageError(f"encoder crop {self.crop} must be positive and <= resize {self.resize}")
         object.__setattr__(self, "mean", tuple(self.mean))
         object.__setattr__(self, "std", tuple(self.std))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
+
+    @property
+    def resize_rule(self) -> ResizeRule:
+        return ResizeRule(self.resize, self.resize_mode, self.interpolation, self.rounding)
 
 
 def build_encoder_module(spec: EncoderSpec) -> nn.Module:
-    """The timm network, offline (pretrained=False); weights come from the pack's safetensors."""
+    """The timm network, offline (pretrained=False); weights come from the pack's safetensors.
+
+    No classifier head unless the spec's kwargs ask for one (`num_classes`: a CLIP visual projection).
+    """
     import timm
 
-    kwargs = {"img_size": spec.crop, **spec.kwargs}
-    return route_attention(timm.create_model(spec.model, pretrained=False, num_classes=0, **kwargs))
+    kwargs = {"img_size": spec.crop, "num_classes": 0, **spec.kwargs}
+    return route_attention(timm.create_model(spec.model, pretrained=False, **kwargs))
 
 
 # ---- Attention through the kernel dispatcher ----
@@ -181,30 +240,46 @@ class ImageEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize the shorter side to `resize`, centre-crop `crop`, normalise. (B, 3, H, W) in [0, 1]."""
-        return normalize(center_crop(resize_shorter(images, self.spec.resize), self.spec.crop), self.mean, self.std)
+        """Resize (the spec's mode and interpolation), centre-crop `crop`, normalise. (B, 3, H, W) in [0, 1]."""
+        resized = resize(images, self.spec.resize_rule)
+        return normalize(center_crop(resized, self.spec.crop), self.mean, self.std)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Already-preprocessed (B, 3, crop, crop) -> (B, dim) float."""
+        out = self._read_embedding(pixels)
+        return F.normalize(out, dim=-1) if self.spec.normalize else out
+
+    def _read_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
+        kind = self.spec.embedding
+        if kind == "cls_prenorm":
+            # The last block's output without the final norm; prefix tokens are (CLS, registers...).
+            (_, prefix), = self.net.forward_intermediates(
+                pixels, indices=1, norm=False, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
+            return prefix[:, 0]
         tokens = self.net.forward_features(pixels)  # (B, T, D), final norm applied
-        if self.spec.embedding == "cls":
+        if kind == "cls":
             return tokens[:, 0]
-        if self.spec.embedding == "mean":
+        if kind == "mean":
             return tokens[:, getattr(self.net, "num_prefix_tokens", 1):].mean(dim=1)
-        return self.net.forward_head(tokens, pre_logits=True)
+        return self.net.forward_head(tokens, pre_logits=kind == "pooled")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(self.preprocess(images.to(self.mean.dtype)))
 
 
-def resize_shorter(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, C, H, W) -> shorter side == size, aspect kept, antialiased bilinear."""
+def resize(images: torch.Tensor, rule: ResizeRule | int) -> torch.Tensor:
+    """(B, C, H, W) -> the size `rule` gives, antialiased as PIL and torchvision resize PIL images.
+
+    A no-op when the images already have that size (checked first: under tracing H and W are tensors, and a
+    traced encoder never resizes).
+    """
+    rule = rule if isinstance(rule, ResizeRule) else ResizeRule(rule)
     h, w = images.shape[-2:]
-    if min(h, w) == size:
+    size = rule.size
+    if (h == size and w == size) if rule.mode == "square" else min(h, w) == size:
         return images
-    scale = size / min(h, w)
-    out = (max(size, round(h * scale)), max(size, round(w * scale)))
-    return F.interpolate(images, size=out, mode="bilinear", antialias=True, align_corners=False)
+    out = rule.output(int(h), int(w))
+    return F.interpolate(images, size=out, mode=rule.interpolation, antialias=True, align_corners=False)
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
