@@ -41,10 +41,17 @@ def test_ray_options_without_ray_executor_are_refused(gen_kwargs, extra, match):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    # Ray puts the driver's working directory on its workers' sys.path; from the repository root its kernels/
+    # folder would shadow the `kernels` package transformers imports (see conftest.py). Start from elsewhere.
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("ray-cwd"))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    finally:
+        os.chdir(cwd)
     yield ray
     ray.shutdown()
 

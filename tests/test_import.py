@@ -84,8 +84,8 @@ def hf(tmp_path_factory):
     return {name: (_save(perturb_norms(m), root / name), m) for name, m in models.items()}
 
 
-def _import(tmp_path, encoder, parts, recipe="auto", **overrides):
-    return import_tiny_pack(tmp_path / "pack", encoder, parts["root"], recipe=recipe, **overrides)
+def _import(tmp_path, encoder, parts, recipe="auto", out=None, **overrides):
+    return import_tiny_pack(out or tmp_path / "pack", encoder, parts["root"], recipe=recipe, **overrides)
 
 
 # ---- Reference embeddings, computed by the libraries the recipes come from -----------------------------------
@@ -367,8 +367,9 @@ def test_generate_on_an_imported_pack_needs_a_null_for_guidance(imported_pack, t
     with pytest.raises(UsageError, match="--null zeros or --null mean"):
         run_generate(GenerateConfig(out=tmp_path / "a", cfg=2.0, **base))
     assert not (tmp_path / "a").exists()  # refused before the run folder or any model
-    for null in ("zeros", "mean"):
-        summary = run_generate(GenerateConfig(out=tmp_path / null, cfg=2.0, null=null, **base))
+    for null, sampler in (("zeros", "dpmpp_2m"), ("mean", "ddpm")):  # and the filter, on the imported encoder
+        summary = run_generate(GenerateConfig(out=tmp_path / null, cfg=2.0, null=null, min_score=-0.5,
+                                              **{**base, "sampler": sampler}))
         assert summary.complete and verify_run(tmp_path / null).ok
     plain = run_generate(GenerateConfig(out=tmp_path / "plain", **base))
     assert plain.complete and verify_run(tmp_path / "plain").ok
