@@ -29,9 +29,10 @@ import torch
 
 from synthgen.benchmark import matmul_peak
 from synthgen.engines import COMPONENT_IO, random_inputs
+from synthgen.export.timing import median_seconds
 from synthgen.errors import UsageError
 from synthgen.export.backends import (
-    TORCH_DTYPES, BackendUnavailable, CompiledBackend, EagerBackend, OrtBackend, aot_compile, median_seconds, ort_session,
+    TORCH_DTYPES, BackendUnavailable, CompiledBackend, EagerBackend, OrtBackend, aot_compile, ort_session,
     output_error, unavailable_reason,
 )
 from synthgen.export.manifest import cpu_native_bf16, device_info, library_versions
@@ -141,7 +142,7 @@ def main() -> None:
                     # A configuration that is hopeless here (e.g. bf16 emulated without AVX-512-BF16) is timed
                     # once instead of warm-up + repeats, so one run stays within minutes.
                     seconds = first if first > args.slow_call_s else median_seconds(
-                        lambda: backend.run(*inputs), warmup=0, repeats=args.repeats)
+                        lambda: backend.run(*inputs), device, warmup=0, repeats=args.repeats)
                 err = output_error(reference, out)
                 base = seconds if name == args.baseline else base
                 fp32 = seconds if name == "eager fp32" else fp32

@@ -20,9 +20,7 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,6 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from synthgen.kernels import adaln, attention, filter as kfilter, guidance_step  # noqa: E402
+from synthgen.export.timing import median_seconds  # noqa: E402
 from synthgen.kernels import dispatch  # noqa: E402
 from synthgen.models.dit import DIT_PRESETS, DiT, reinit_zero_params_  # noqa: E402
 from synthgen.samplers import NoiseSchedule, make_plan  # noqa: E402
@@ -47,30 +46,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # ---- Timing ----
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def median_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
-    """Median wall time of fn in ms: CUDA events on a GPU (no host overhead between), perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median time of fn in ms: CUDA events on a GPU (no host overhead between), wall time on the CPU."""
+    return median_seconds(fn, device, warmup, repeats, events=True) * 1e3
 
 
 def measure_peaks(device: str, args) -> dict:

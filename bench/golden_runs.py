@@ -31,7 +31,7 @@ def runs(root: Path) -> dict[str, dict[str, str]]:
     write_random_pack("tiny", root / "tiny", seed=0)
     build_bank("builtin:digits:test", root / "tiny", root / "bank", progress=False)
     common = dict(device="cpu", progress=False)
-    filtered = dict(n=60, pack=root / "tiny", bank=root / "bank", sampler="dpmpp_2m", steps=4, cfg=2.0,
+    filtered = dict(n=60, pack=root / "tiny", bank=root / "bank", sampler="dpmpp_2m", steps=4, guidance=2.0,
                     mode="perturb", lam=0.05, min_score=0.3, shard_size=20, batch=8, **common)
     out = {}
     run_generate(GenerateConfig(n=200, out=root / "default", shard_size=50, steps=8, **common))
@@ -48,7 +48,7 @@ def runs(root: Path) -> dict[str, dict[str, str]]:
 
 def main() -> int:
     from synthgen.export.manifest import cpu_isa
-    from synthgen.runfolder import versions
+    from synthgen.runstate import versions
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = ap.add_mutually_exclusive_group(required=True)

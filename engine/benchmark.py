@@ -33,6 +33,7 @@ achieved FLOP/s by a square matmul measured in the same process, in fp32 and in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -52,10 +53,11 @@ import torch
 
 from synthgen.config import BACKENDS, DEVICES, DTYPES, FORMATS, GenerateConfig, parse_count, resolve_pack
 from synthgen.errors import UsageError
+from synthgen.export.backends import TORCH_DTYPES
+from synthgen.export.timing import timed
 from synthgen.samplers import SAMPLERS, NoiseSchedule
 
 GEN = GenerateConfig.__dataclass_fields__  # generate's defaults: the bench measures what generate would run
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PHOTOS = ("china.jpg", "flower.jpg")  # real photos that ship inside scikit-learn's wheel (427 x 640)
 EMBED_BATCH = 64  # images per decoder / encoder call in `synthgen embed` (its --batch default)
 STAGES = ("decode", "encode", "denoise_step", "vae_decode", "filter", "image_encode", "write")
@@ -87,7 +89,7 @@ class BenchConfig:
     sampler: str = GEN["sampler"].default
     steps: tuple[int, ...] = (1, 4, 20)
     batches: tuple[int, ...] = (8, 32)
-    cfg: float = 2.0  # guidance on: the denoiser then runs cond + uncond, the common generation setting
+    guidance: float = 2.0  # --cfg; guidance on: the denoiser then runs cond + uncond, the common generation setting
     n: int = 128  # images per end-to-end run (synthgen and naive)
     decode_batch: int | None = None  # end to end: VAE decode rows per chunk; None: the --batch of the row
     filter_batch: int | None = None  # end to end: filter-encoder rows per chunk; None: the --batch of the row
@@ -128,8 +130,8 @@ class BenchConfig:
                                    ("--matmul-size", self.matmul_size, 16)):
             if not isinstance(value, int) or value < low:
                 raise UsageError(f"{option} must be an integer >= {low}, got {value!r}")
-        if not (math.isfinite(self.cfg) and self.cfg >= 0):
-            raise UsageError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {self.cfg}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise UsageError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {self.guidance}")
         if not 1 <= self.quality <= 100:
             raise UsageError(f"--quality must be in [1, 100], got {self.quality}")
 
@@ -196,25 +198,6 @@ class BenchResult:
 
 
 # ---- Timing ------------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Wall seconds of `repeats` calls of fn() after `warmup` untimed ones (device work synchronized)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def stage_result(stage: str, batch: int | None, images: int, times: list[float], flops: float | None = None,
@@ -373,7 +356,7 @@ class StageInputs:
 
 def denoise_call(pack, inputs: StageInputs, cfg: BenchConfig, batch: int, device: torch.device) -> Callable:
     """One denoiser forward over `batch` images as generate makes it: cond and uncond halves in one call."""
-    from synthgen.models.denoiser import cond_uncond
+    from synthgen.condition import cond_uncond
 
     dtype = TORCH_DTYPES[cfg.dtype]
     cond = torch.stack(cycled(inputs.conditions, batch)).to(device, dtype)  # (B, D)
@@ -381,12 +364,12 @@ def denoise_call(pack, inputs: StageInputs, cfg: BenchConfig, batch: int, device
     x = torch.randn((batch, *pack.config.denoiser.sample_shape), generator=gen).to(device, dtype)  # (B, C, H, W)
     t = torch.full((batch,), pack.config.schedule.num_train_timesteps / 2, device=device)  # mid-schedule
     null = bench_null(pack, inputs.conditions).to(device, dtype)
-    return lambda: cond_uncond(pack.denoiser, x, t, cond, null, cfg.cfg)
+    return lambda: cond_uncond(pack.denoiser, x, t, cond, null, cfg.guidance)
 
 
 def bench_null(pack, conditions: torch.Tensor) -> torch.Tensor:
     """The pack's null condition; zeros for a pack without one (the same work: only throughput is measured)."""
-    from synthgen.models.denoiser import resolve_null
+    from synthgen.condition import resolve_null
 
     null = resolve_null(pack.config.denoiser.null_condition, pack.null_condition, conditions.float())
     return torch.zeros(conditions.shape[1]) if null is None else null.cpu()
@@ -412,7 +395,7 @@ def batch_stages(pack, inputs: StageInputs, cfg: BenchConfig, batch: int, device
     def filt():  # one transfer of the scores per batch, as generate makes
         return cosine_scores(enc(pixels.to(dtype)), cond).cpu()
 
-    guided = 2 if cfg.cfg != 1.0 else 1
+    guided = 2 if cfg.guidance != 1.0 else 1
     stages = [("encode", encode, flops["encoder"], ""),
               ("denoise_step", denoise_call(pack, inputs, cfg, batch, device), flops["denoiser"] * guided,
                f"one forward over {guided * batch} rows (cond+uncond)" if guided == 2 else "no CFG")]
@@ -431,14 +414,15 @@ def batch_stages(pack, inputs: StageInputs, cfg: BenchConfig, batch: int, device
 
 def cpu_image_encoders(fmt: str) -> list[str]:
     """The host JPEG/WebP/PNG encoders `shards.encode_image` can use here for `fmt`."""
-    from synthgen.shards import HAS_SIMPLEJPEG
+    from synthgen.encode import HAS_SIMPLEJPEG
 
     return ["simplejpeg", "pillow"] if fmt == "jpg" and HAS_SIMPLEJPEG else ["pillow"]
 
 
 def io_stages(images: np.ndarray, cfg: BenchConfig, work: Path, count: int, device: torch.device) -> list[StageResult]:
     """image_encode per host encoder (one thread) and write (one shard of `count` samples, commit included)."""
-    from synthgen.shards import SampleRecord, ShardWriter, encode_image, resolve_image_encoder, sample_key
+    from synthgen.encode import encode_image, resolve_image_encoder
+    from synthgen.shards import SampleRecord, ShardWriter, sample_key
 
     pixels = cycled(list(images), count)
     cpu, used = torch.device("cpu"), resolve_image_encoder("auto", cfg.format, device)
@@ -510,7 +494,7 @@ def naive_call(pack, cond: torch.Tensor, cfg: BenchConfig, steps: int, gen: torc
     flow = pack.config.schedule.prediction_type == "flow"
     x = torch.randn((b, *pack.config.denoiser.sample_shape), generator=gen).to(device)
     x = x if flow else x * scheduler.init_noise_sigma
-    guided = cfg.cfg != 1.0
+    guided = cfg.guidance != 1.0
     c = cond.to(dtype)
     if guided:
         c = torch.cat([bench_null(pack, cond).to(device, dtype).expand(b, -1), c])
@@ -520,7 +504,7 @@ def naive_call(pack, cond: torch.Tensor, cfg: BenchConfig, steps: int, gen: torc
         out = pack.denoiser(xin, t.to(torch.float32).expand(xin.shape[0]), c).float()
         if guided:
             uncond, out = out.chunk(2)
-            out = uncond + cfg.cfg * (out - uncond)
+            out = uncond + cfg.guidance * (out - uncond)
         x = scheduler.step(out, t, x, generator=gen).prev_sample
     images = pack.vae(x.to(dtype)).float() if pack.vae is not None else x
     pixels = ((images.nan_to_num(0.0) + 1) / 2).clamp(0, 1)
@@ -530,7 +514,8 @@ def naive_call(pack, cond: torch.Tensor, cfg: BenchConfig, steps: int, gen: torc
 
 def run_naive(pack, inputs: StageInputs, cfg: BenchConfig, steps: int, out: Path, device: torch.device) -> float:
     """Generate cfg.n images naively into one shard; returns seconds (model already loaded)."""
-    from synthgen.shards import SampleRecord, ShardWriter, encode_image, sample_key
+    from synthgen.encode import encode_image
+    from synthgen.shards import SampleRecord, ShardWriter, sample_key
 
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -563,7 +548,7 @@ def run_e2e(pack_dir: Path, bank_dir: Path, cfg: BenchConfig, steps: int, batch:
     # A pack without a null (an imported UNet) is timed with zeros as the null: the same work (see bench_null).
     null = "zeros" if read_pack_config(pack_dir).denoiser.null_condition == "none" else "pack"
     gcfg = GenerateConfig(
-        n=n, out=out, pack=pack_dir, bank=bank_dir, sampler=cfg.sampler, steps=steps, cfg=cfg.cfg, null=null,
+        n=n, out=out, pack=pack_dir, bank=bank_dir, sampler=cfg.sampler, steps=steps, guidance=cfg.guidance, null=null,
         format=cfg.format, quality=cfg.quality, dtype=cfg.dtype, batch=batch, decode_batch=cfg.decode_batch,
         filter_batch=cfg.filter_batch, device=cfg.device, backend=cfg.backend, overwrite=True, progress=False,
     )
@@ -579,7 +564,7 @@ def run_e2e(pack_dir: Path, bank_dir: Path, cfg: BenchConfig, steps: int, batch:
 
 def environment(cfg: BenchConfig, device: torch.device, argv: list[str] | None) -> dict:
     from synthgen.export.manifest import cpu_native_bf16, device_info
-    from synthgen.runfolder import versions
+    from synthgen.runstate import versions
 
     return {
         "device": device_info(device), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -607,7 +592,7 @@ def image_flops(flops: dict[str, float], steps: int, cfg: float, denoise_only: b
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, argv: list[str] | None = None) -> BenchResult:
     """Every measurement of the module docstring, in one process; temporary files are removed."""
-    from synthgen.pipeline import resolve_device
+    from synthgen.runtime import resolve_device
 
     device, dtype = resolve_device(cfg.device), TORCH_DTYPES[cfg.dtype]
     env = environment(cfg, device, argv)
@@ -652,7 +637,7 @@ def _measure(cfg, pack_dir, bank_dir, images_spec, work, device, peaks, log) -> 
     staged = {}  # batch -> the pack as generate runs it at that batch
     for batch in cfg.batches:
         log(f"model stages at batch {batch} ...")
-        staged[batch] = _stage_pack(pack_dir, pack, cfg, batch, device, result)
+        staged[batch] = _stage_pack(pack, cfg, batch, device, result)
         result.stages += batch_stages(staged[batch], inputs, cfg, batch, device, flops, peak)
     log("image encode and write ...")
     # As many samples as one shard of the end-to-end run holds, so the shard's fsync is amortized alike.
@@ -663,21 +648,21 @@ def _measure(cfg, pack_dir, bank_dir, images_spec, work, device, peaks, log) -> 
     return result
 
 
-def _stage_pack(pack_dir: Path, eager, cfg: BenchConfig, batch: int, device, result: BenchResult):
-    """The pack as generate runs it at `batch`: eager, or engine-backed (built once, time recorded)."""
+def _stage_pack(eager, cfg: BenchConfig, batch: int, device, result: BenchResult):
+    """The pack as generate runs it at `batch`: eager, or a copy whose modules are the backends (built
+    once, time recorded); the eager pack is left as it is."""
     if cfg.backend == "eager":
         return eager
-    from synthgen.engines import attach_engines
-    from synthgen.pack import load_pack
+    from synthgen.engines import engine_components
     from synthgen.scheduler import BatchSizes
 
-    pack = load_pack(pack_dir, device=device, dtype=TORCH_DTYPES[cfg.dtype])
     start = time.perf_counter()
     # Every stage at `batch`, as the stage table times them (the end-to-end runs build their own engines
     # when --decode-batch / --filter-batch differ).
-    attach_engines(pack, device, BatchSizes(batch, batch, batch, (batch,)), None, cfg.backend, cfg.dtype, cfg.cfg)
+    backends = engine_components(eager, device, BatchSizes(batch, batch, batch, (batch,)), None, cfg.backend,
+                                 cfg.dtype, cfg.guidance)
     result.build_seconds[str(batch)] = round(time.perf_counter() - start, 2)
-    return pack
+    return dataclasses.replace(eager, **backends)
 
 
 def _end_to_end(cfg, pack, inputs, pack_dir, bank_dir, work, device, flops, peaks, staged, log) -> list[EndToEnd]:
@@ -701,7 +686,7 @@ def _end_to_end(cfg, pack, inputs, pack_dir, bank_dir, work, device, flops, peak
             step_times += _timed_inference(step, device, cfg)
             images, seconds, wall = sorted(runs, key=lambda r: r[1])[len(runs) // 2]
             ips, only = images / seconds, batch / statistics.median(step_times) / steps
-            f, denoise_f = image_flops(flops, steps, cfg.cfg), image_flops(flops, steps, cfg.cfg, denoise_only=True)
+            f, denoise_f = image_flops(flops, steps, cfg.guidance), image_flops(flops, steps, cfg.guidance, denoise_only=True)
             rows.append(EndToEnd(
                 steps=steps, batch=batch, decode_batch=cfg.decode_batch or batch,
                 filter_batch=cfg.filter_batch or batch, n=images, images_per_s=ips, seconds=seconds,

@@ -195,7 +195,8 @@ def embed(
       synthgen embed --reps reps/train --images imagenet100/train --pack packs/rep-ldm --out banks/in100
     """
     from synthgen.bank import build_bank
-    from synthgen.pipeline import TORCH_DTYPES, resolve_device
+    from synthgen.export.backends import TORCH_DTYPES
+    from synthgen.runtime import resolve_device
 
     if reps is not None:
         _embed_reps(reps, images, pack, out, check, str(resolve_device(device)), progress)
@@ -248,7 +249,7 @@ def generate(
     bank: Optional[Path] = typer.Option(None, help="Embedding bank (default: PACK/bank)."),
     sampler: str = typer.Option(_default("sampler"), help=" | ".join(SAMPLERS)),
     steps: int = typer.Option(_default("steps"), min=1, help="Denoising steps."),
-    cfg: float = typer.Option(_default("cfg"), min=0.0, help="Guidance scale on the representation (1 = off)."),
+    guidance: float = typer.Option(_default("guidance"), "--cfg", min=0.0, help="Guidance scale on the representation (1 = off)."),
     null: str = typer.Option(_default("null"), help="pack | zeros | mean: the unconditional input of guidance "
                              "(the pack's own; an imported UNet without a learned null needs zeros or mean, the "
                              "bank's mean embedding)."),
@@ -320,10 +321,11 @@ def generate(
 
       synthgen generate --n 1M ... --out s3://bucket/big --shards $((ID*100)):$((ID*100+100)) --staging /scratch
     """
-    from synthgen.pipeline import Interrupted, run_generate
+    from synthgen.pipeline import run_generate
+    from synthgen.signals import Interrupted
 
     config = GenerateConfig(
-        n=n, out=out, pack=pack, bank=bank, sampler=sampler, steps=steps, cfg=cfg, null=null, mode=mode, lam=lam,
+        n=n, out=out, pack=pack, bank=bank, sampler=sampler, steps=steps, guidance=guidance, null=null, mode=mode, lam=lam,
         balance=balance, min_score=min_score, keep_top=keep_top, keep_top_group=keep_top_group,
         max_oversample=max_oversample, seed=seed, shard_size=shard_size, format=format, quality=quality,
         save_cond=save_cond, dtype=dtype, batch=batch, device=device, shards=shards, overwrite=overwrite,
@@ -420,7 +422,7 @@ def build_engine_cmd(
       synthgen build-engine --pack P --backend compile --precision bf16 --batch 16 --decode-batch 32 --out E
     """
     from synthgen.engines import build_engine
-    from synthgen.pipeline import resolve_device
+    from synthgen.runtime import resolve_device
 
     buckets = parse_buckets(batch_buckets) or ()
     sizes = {c: (b,) for c, b in (("vae", decode_batch), ("encoder", filter_batch)) if b is not None}
@@ -482,7 +484,7 @@ def bench(
     sampler: str = typer.Option(_bench("sampler"), help=" | ".join(SAMPLERS)),
     steps: str = typer.Option(_bench("steps"), callback=_int_list("--steps"), help="Comma-separated step counts."),
     batch: str = typer.Option(_bench("batches"), callback=_int_list("--batch"), help="Comma-separated batch sizes."),
-    cfg: float = typer.Option(_bench("cfg"), min=0.0, help="Guidance scale (1 = off: one denoiser row per image)."),
+    guidance: float = typer.Option(_bench("guidance"), "--cfg", min=0.0, help="Guidance scale (1 = off: one denoiser row per image)."),
     n: str = typer.Option(_bench("n"), "--n", help="Images per end-to-end run (synthgen and naive)."),
     decode_batch: Optional[int] = typer.Option(None, min=1, help="End to end: VAE decode rows per chunk "
                                                "(default: each --batch), as generate's --decode-batch."),
@@ -543,7 +545,7 @@ def bench(
 
     config = BenchConfig(
         pack=pack, preset=preset, images=images, backend=backend, dtype=dtype, device=device, sampler=sampler,
-        steps=steps, batches=batch, cfg=cfg, n=n, decode_batch=decode_batch, filter_batch=filter_batch,
+        steps=steps, batches=batch, guidance=guidance, n=n, decode_batch=decode_batch, filter_batch=filter_batch,
         naive_batch=naive_batch, naive_dtype=naive_dtype, repeats=repeats,
         e2e_repeats=e2e_repeats, matmul_size=matmul_size,
     )

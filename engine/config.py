@@ -14,12 +14,12 @@ from pathlib import Path
 
 from synthgen.errors import UsageError
 from synthgen.filtering import FilterConfig
-from synthgen.models.denoiser import NULL_CHOICES
+from synthgen.condition import NULL_CHOICES
 from synthgen.plan import PlanConfig
 from synthgen.samplers import SAMPLERS
 from synthgen.scheduler import BatchSizes, default_buckets
-from synthgen.shards import IMAGE_ENCODERS  # JPEG only; WebP and PNG always use Pillow
-from synthgen.storage import is_remote, normalize_out
+from synthgen.encode import IMAGE_ENCODERS  # JPEG only; WebP and PNG always use Pillow
+from synthgen.runfolder import is_remote, normalize_out
 
 FORMATS = ("jpg", "webp", "png")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -28,7 +28,7 @@ BACKENDS = ("eager", "compile", "ort", "trt", "auto")
 # Where the device stages run: "thread" = a device thread computes ahead while the calling thread decides
 # and writes; "inline" = the calling thread computes each batch when it needs it. "auto" = thread on CUDA,
 # inline on the CPU: there a second thread running torch starts a second OpenMP team on the same cores,
-# and libgomp then throttles its spin-waits (bf16 at batch 8: inline 1.76x the thread; pipeline.py).
+# and libgomp then throttles its spin-waits (bf16 at batch 8: inline 1.76x the thread; overlap.py).
 OVERLAPS = ("auto", "thread", "inline")
 # Execution settings: changing them never changes which image a sample id gets. `engine` / `backend`
 # run the same networks through another runtime: images match the eager run within the error the engine
@@ -40,6 +40,8 @@ EXECUTION_FIELDS = (
     "executor", "workers", "address", "gpus_per_worker", "batch_buckets", "decode_batch", "filter_batch",
     "encode_workers", "image_encoder", "staging", "overlap",
 )
+# Fields stored under another key in dataset.json and run identities: the names those files have always had.
+STORED_KEYS = {"guidance": "cfg"}
 EXECUTORS = ("local", "ray")
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
@@ -94,12 +96,12 @@ def parse_shard_range(text: str | None) -> tuple[int, int] | None:
 @dataclass(frozen=True)
 class GenerateConfig:
     n: int
-    out: Path | str  # a local folder (Path), or an fsspec URL string such as s3://bucket/prefix (storage.py)
+    out: Path | str  # a local folder (Path), or an fsspec URL string such as s3://bucket/prefix (urlfolder.py)
     pack: Path | None = None  # default: the trained digits pack inside the package
     bank: Path | None = None  # default: the pack's own bank folder PACK/bank when it has one
     sampler: str = "dpmpp_2m"
     steps: int = 20
-    cfg: float = 1.0
+    guidance: float = 1.0  # classifier-free guidance scale (--cfg; 1 = none), stored under the key "cfg"
     null: str = "pack"  # the unconditional input of guidance: the pack's | zeros | the bank's mean embedding
     mode: str = "reuse"
     lam: float = 0.0
@@ -178,8 +180,8 @@ class GenerateConfig:
             raise UsageError(f"--shard-size must be in [1, 100000] (keys hold 5 digits), got {self.shard_size}")
         if not 1 <= self.quality <= 100:
             raise UsageError(f"--quality must be in [1, 100], got {self.quality}")
-        if not (math.isfinite(self.cfg) and self.cfg >= 0):
-            raise UsageError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {self.cfg}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise UsageError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {self.guidance}")
         self.plan_config  # validates mode / lam / balance / seed
         self.filter_config  # validates min_score / keep_top / group
 
@@ -216,11 +218,11 @@ class GenerateConfig:
         Fields added after runs were first written are left out at their defaults, so a folder written
         before them still resumes."""
         later = {"null": "pack"}
-        return {f.name: getattr(self, f.name) for f in fields(self)
+        return {STORED_KEYS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)
                 if f.name not in EXECUTION_FIELDS and not (f.name in later and getattr(self, f.name) == later[f.name])}
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {STORED_KEYS.get(k, k): v for k, v in asdict(self).items()}
         for k in ("out", "pack", "bank", "engine", "staging"):
             d[k] = None if d[k] is None else str(d[k])
         d["shards"] = list(self.shards) if self.shards else None

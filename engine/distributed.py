@@ -1,8 +1,8 @@
-"""Ray executor: shards as work units on a pool of Ray actors, each holding one loaded engine.
+"""Ray executor: shards as work units on a pool of Ray actors, each holding one loaded runtime.
 
 The driver hands one shard at a time to each idle actor; an actor claims the shard in the run folder
-(runfolder.claim_shard), generates it with `generate_shard` and returns its stats. So:
-- one engine load per actor (and one GPU per actor with --gpus-per-worker 1);
+(localfolder.py), generates it with `shard_job.generate_shard` and returns its stats. So:
+- one runtime load per actor (and one GPU per actor with --gpus-per-worker 1);
 - the run folder is shared state that needs no coordinator: claims keep two writers off one shard, also
   against other drivers or plain `synthgen generate` processes on the same folder;
 - an actor that dies (node lost, OOM, kill -9) gives its shard back: the kernel drops its claim, the
@@ -12,7 +12,7 @@ The run folder must be a path every actor sees (a local disk for one machine, or
 system with working `flock`, e.g. NFSv4 or Lustre mounted with -o flock), or an fsspec URL (s3://,
 gs://). A URL has no locks, and none are needed here: this driver is the only one handing out shards and
 gives each to one live actor at a time; an actor stages its shard locally and uploads it tar first, stats
-last (engine/storage.py), so a shard whose actor died mid-upload is simply not committed and is redone.
+last (urlfolder.py), so a shard whose actor died mid-upload is simply not committed and is redone.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from dataclasses import replace
 
 from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
+from synthgen.runstate import run_folder
+from synthgen.runtime import load_runtime
+from synthgen.shard_job import run_claimed_shard
+from synthgen.stats import ShardStats
 
 MAX_ATTEMPTS = 3  # a shard whose actor died this many times fails the run (a bug, not bad luck)
 CPUS_PER_ACTOR = 0.5  # fractional: two 1-CPU actors on a 2-CPU node starve Ray's own tasks (ENV-FACTS)
@@ -40,29 +44,25 @@ def import_ray():
 
 
 class ShardActor:
-    """Holds one engine; `run(shard)` claims and generates a shard and returns its stats (None: not ours)."""
+    """Holds one runtime; `run(shard)` claims and generates a shard and returns its stats (None: not ours)."""
 
     def __init__(self, cfg: GenerateConfig) -> None:
-        from synthgen.pipeline import load_engine
-
         # A user error while loading (a bad pack, no CUDA) is raised by run(), so the driver reports it
         # once instead of restarting actors that would fail the same way.
-        self.engine, self.error = None, None
+        self.runtime, self.folder, self.error = None, run_folder(cfg), None
         try:
-            self.engine = load_engine(cfg)
+            self.runtime = load_runtime(cfg)
         except UsageError as exc:
             self.error = exc
 
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, shard: int) -> dict | None:
-        from synthgen.pipeline import run_claimed_shard
-
+    def run(self, shard: int) -> ShardStats | None:
         if self.error is not None:
             raise self.error
         # block=True: a shard held by another live writer is waited for, then found committed (or redone).
-        return run_claimed_shard(self.engine, shard, block=True)
+        return run_claimed_shard(self.runtime, self.folder, shard, block=True)
 
 
 class RayExecutor:
@@ -102,7 +102,7 @@ class RayExecutor:
                 continue
             idle.append(actor)
             if stats is not None:
-                on_images(stats["count"], stats["candidates"])
+                on_images(stats.count, stats.candidates)
                 yield stats
 
     def _result(self, ref, shard: int, attempts: dict):

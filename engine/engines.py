@@ -1,11 +1,12 @@
-"""Inference engines for a pack: build an engine folder, load it, and swap backends in for the modules.
+"""Engine folders for a pack: build one (a backend per component: ORT, TensorRT or compiled), load it, and
+stand its backends in for the pack's modules.
 
 `synthgen.export` knows modules, ONNX files and runtimes; this file knows packs: which components there
 are, what their inputs look like, and how `generate` calls them. Imports go one way (engine -> export).
 
   build_engine(pack, out, backend, precision, batch, buckets)  -> Manifest   (synthgen build-engine)
   load_backends(engine_dir, pack, device)                      -> {component: Backend}
-  attach_engines(pack, device, sizes, engine=..., backend=..., ...)   swaps pack.denoiser/vae/encoder in place
+  engine_components(pack, device, sizes, engine=..., backend=...) -> {component: BackendModule}
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from synthgen import locks
 from synthgen.errors import UsageError
 from synthgen.export.backends import (
     BACKENDS, PRECISIONS, TORCH_DTYPES, BackendUnavailable, CompiledBackend, EagerBackend, OrtBackend,
-    aot_compile, median_seconds, output_error, run_bucketed, unavailable_reason,
+    aot_compile, output_error, run_bucketed, unavailable_reason,
 )
+from synthgen.export.timing import median_seconds
 from synthgen.export.manifest import (
     MANIFEST, ComponentEntry, Manifest, device_info, library_versions, read_manifest, stale_reasons,
     write_manifest,
@@ -188,7 +191,7 @@ def _build_one(reference: Pack, component, module, out, backend, precision, batc
     if timing:
         bench = random_inputs(reference.config, component, batch, seed=99, device=device)
         with torch.inference_mode():
-            seconds = round(median_seconds(lambda: run_bucketed(runner, *bench), warmup=1, repeats=2), 5)
+            seconds = round(median_seconds(lambda: run_bucketed(runner, *bench), device, warmup=1, repeats=2), 5)
     return ComponentEntry(
         backend=backend, files=files, inputs={k: list(v) for k, v in input_shapes(reference.config, component).items()},
         outputs=[io.output], buckets=list(static), max_batch=max_batch, error=error, build_seconds=built,
@@ -315,7 +318,7 @@ def load_backends(engine_dir: str | Path, pack: Pack, device, rebuild_hint: str 
     return out
 
 
-class EngineModule:
+class BackendModule:
     """A backend in the call signature of the module it replaces; other attributes come from that module.
 
     Inputs may arrive in the pack dtype; the output is returned in the dtype of the first input, as the
@@ -337,43 +340,49 @@ class EngineModule:
         return getattr(self.__dict__["eager"], name)
 
 
-def engine_sizes(sizes: BatchSizes, cfg: float) -> dict[str, tuple[int, ...]]:
+def engine_sizes(sizes: BatchSizes, guidance: float) -> dict[str, tuple[int, ...]]:
     """The batch sizes generate calls each component with, as static engine buckets.
 
     Classifier-free guidance stacks cond and uncond rows into one denoiser call: twice the rows per
     chunk, plus the plain size so that a short tail chunk need not be padded to the full one. The VAE
     and the filter encoder see one row per image, in chunks of their own size.
     """
-    denoise = (sizes.denoise, 2 * sizes.denoise) if cfg != 1.0 else (sizes.denoise,)
+    denoise = (sizes.denoise, 2 * sizes.denoise) if guidance != 1.0 else (sizes.denoise,)
     return {"denoiser": denoise, "vae": (sizes.decode,), "encoder": (sizes.filter,)}
 
 
 def engine_cache_dir(pack: Pack, backend: str, precision: str, device: torch.device, sizes: BatchSizes,
-                     cfg: float) -> Path:
+                     guidance: float) -> Path:
     """Where `generate --backend X` keeps engines it builds: PACK/.engines/... or $SYNTHGEN_ENGINE_CACHE/HASH/..."""
     base = os.environ.get("SYNTHGEN_ENGINE_CACHE")
     root = Path(base) / pack.hash if base else Path(pack.root) / ".engines"
     own = "".join(f"-{tag}{n}" for tag, n in (("d", sizes.decode), ("f", sizes.filter)) if n != sizes.denoise)
-    return root / f"{backend}-{precision}-{device.type}-b{sizes.denoise}{own}{'-cfg' if cfg != 1.0 else ''}"
+    return root / f"{backend}-{precision}-{device.type}-b{sizes.denoise}{own}{'-cfg' if guidance != 1.0 else ''}"
 
 
-def attach_engines(pack: Pack, device, sizes: BatchSizes, engine: Path | None = None, backend: str = "eager",
-                   precision: str = "fp32", cfg: float = 1.0) -> Path | None:
-    """Replace pack.denoiser / vae / encoder by backend-backed callables; returns the engine folder used.
+def engine_components(pack: Pack, device, sizes: BatchSizes, engine: Path | None = None, backend: str = "eager",
+                      precision: str = "fp32", guidance: float = 1.0) -> dict[str, BackendModule]:
+    """component -> a backend-backed callable standing in for the pack's module ({} for eager); the pack
+    itself is left as it is.
 
     `engine`: an existing folder (refused when stale). Otherwise a non-eager `backend` builds into the
     cache folder on first use, at the stage sizes of `sizes` (engine_sizes), and rebuilds there when the
-    pack, the libraries or the device changed.
+    pack, the libraries or the device changed. The build holds a lock beside the cache folder, so of two
+    runs starting together one builds and the other then finds the engine fresh.
     """
     device = torch.device(device)
     if engine is None and backend == "eager":
-        return None
+        return {}
     if engine is None:
-        engine = engine_cache_dir(pack, backend, precision, device, sizes, cfg)
-        fresh = (engine / MANIFEST).is_file() and not stale_reasons(read_manifest(engine), pack.hash, device)
-        if not fresh:
-            build_engine(pack.root, engine, backend, precision, batch=sizes.denoise, device=device,
-                         sizes=engine_sizes(sizes, cfg))
-    for component, runner in load_backends(engine, pack, device).items():
-        setattr(pack, component, EngineModule(runner, getattr(pack, component)))
-    return engine
+        engine = engine_cache_dir(pack, backend, precision, device, sizes, guidance)
+        engine.parent.mkdir(parents=True, exist_ok=True)
+        with locks.held(engine.parent / f"{engine.name}.lock"):
+            if not _fresh(engine, pack, device):
+                build_engine(pack.root, engine, backend, precision, batch=sizes.denoise, device=device,
+                             sizes=engine_sizes(sizes, guidance))
+    return {component: BackendModule(runner, getattr(pack, component))
+            for component, runner in load_backends(engine, pack, device).items()}
+
+
+def _fresh(engine: Path, pack: Pack, device: torch.device) -> bool:
+    return (engine / MANIFEST).is_file() and not stale_reasons(read_manifest(engine), pack.hash, device)

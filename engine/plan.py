@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from synthgen.errors import UsageError
-from synthgen.noise import STREAM_COND, STREAM_PLAN, gaussian, sample_seeds, uniform
+from synthgen.noise import STREAM_PLAN, sample_seeds, uniform
 
 MODES = ("reuse", "perturb", "interpolate")
 BALANCES = ("class", "bank")
@@ -110,18 +110,3 @@ class Planner:
             anchor_b = anchor_a
             mix = np.zeros(len(ids), dtype=np.float32)
         return SamplePlan(ids, seeds, labels, anchor_a, anchor_b, mix)
-
-
-def conditions(embeddings: torch.Tensor, plan: SamplePlan, lam: float, seeds: torch.Tensor) -> torch.Tensor:
-    """The conditioning vectors of a planned batch.
-
-    embeddings (N, D) bank on the compute device, seeds (B,) int64 on the same device -> (B, D) float32.
-    """
-    device = embeddings.device
-    a = embeddings[torch.from_numpy(plan.anchor_a).to(device)].float()
-    b = embeddings[torch.from_numpy(plan.anchor_b).to(device)].float()
-    mix = torch.from_numpy(plan.mix).to(device)[:, None]
-    c = torch.lerp(a, b, mix)
-    if lam > 0:
-        c = c + lam * gaussian(seeds, STREAM_COND, (embeddings.shape[1],)).to(device)
-    return c

@@ -20,9 +20,10 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
-from synthgen import storage
 from synthgen.errors import UsageError
-from synthgen.shards import IMAGE_EXTS, shard_path
+from synthgen.runfolder import DATASET_JSON, RunFolder
+from synthgen.runstate import open_run_folder
+from synthgen.shards import IMAGE_EXTS, tar_name
 
 CAPTION_HEIGHT = 14  # one line of PIL's default bitmap font plus a little air
 _BACKGROUND = (255, 255, 255)
@@ -35,12 +36,12 @@ def make_preview(run_dir: Path | str, out: Path, per_class: int = 8, max_classes
     for name, value in (("per_class", per_class), ("max_classes", max_classes), ("cell", cell)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    run_dir = storage.normalize_out(run_dir)
-    shards = sorted(storage.completed_shards(run_dir))
+    folder = open_run_folder(run_dir)
+    shards = sorted(folder.committed())
     if not shards:
-        raise UsageError(f"no committed shards in {run_dir}: run `synthgen generate` into it first")
-    class_names = _class_names(run_dir)
-    with storage.local_copies(run_dir) as local:
+        raise UsageError(f"no committed shards in {folder.location}: run `synthgen generate` into it first")
+    class_names = _class_names(folder)
+    with folder.local_copies() as local:
         picked = _collect(local, shards, per_class, max_classes, class_names)
     grid = _draw(picked, class_names, per_class, cell)
     out = Path(out)
@@ -49,9 +50,9 @@ def make_preview(run_dir: Path | str, out: Path, per_class: int = 8, max_classes
     return out
 
 
-def _class_names(run_dir: Path | str) -> dict[int, str]:
+def _class_names(folder: RunFolder) -> dict[int, str]:
     try:
-        raw = storage.read_bytes(run_dir, "dataset.json")
+        raw = folder.read(DATASET_JSON)
         if raw is None:
             return {}
         names = json.loads(raw.decode("utf-8")).get("class_names") or []
@@ -64,12 +65,12 @@ def _collect(
     local, shards: list[int], per_class: int, max_classes: int, class_names: dict[int, str]
 ) -> dict[int, list[tuple[Image.Image, float | None]]]:
     """label -> [(image, score)], reading shards until the wanted classes are full; `local(name)` is a
-    local path of the run folder's file (storage.local_copies)."""
+    local path of the run folder's file (RunFolder.local_copies)."""
     wanted = set(sorted(class_names)[:max_classes]) if class_names else None
     picked: dict[int, list[tuple[Image.Image, float | None]]] = {}
     for shard in shards:
         try:
-            url = str(local(shard_path(Path(), shard).name))
+            url = str(local(tar_name(shard)))
             reader = wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None)
             for sample in reader:
                 _take(sample, picked, per_class, wanted, class_names)

@@ -1,6 +1,6 @@
 """Batch scheduler: fixed batch buckets, one batch size per stage, out-of-memory backoff, a NaN/Inf guard.
 
-Plain functions and two small dataclasses; `pipeline.py` drives them.
+Plain functions and two small dataclasses; `render.py` drives them.
 
 - Buckets. A chunk of n rows runs padded up to the smallest bucket >= n, so a compiled graph or a static
   engine only ever sees a few batch shapes. Padding repeats the chunk's last row (a real sample: no NaN
@@ -11,7 +11,7 @@ Plain functions and two small dataclasses; `pipeline.py` drives them.
   quarter of its batch while the denoiser keeps its large one.
 - Out-of-memory backoff. A chunk that raises an out-of-memory error is retried at half the size; the
   smaller size is kept for the rest of the run (logged once per reduction), and a resumed run on the same
-  device and configured size starts at it (pipeline.restore_batch_sizes). Which image a sample id gets
+  device and configured size starts at it (shard_job.restore_batch_sizes). Which image a sample id gets
   never depends on the chunk size: its noise is a counter-based function of its own seed (noise.py).
 - NaN/Inf guard. `retry_dtype` names the higher precision a non-finite row is retried in once; rows that
   stay non-finite are dropped by the pipeline and counted.

@@ -24,10 +24,10 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from synthgen import storage
-from synthgen.shards import IMAGE_EXTS, MAX_SHARD_SIZE, sample_key, shard_path, stats_path
-
-RUN_FORMAT = "synthgen-run/1"
+from synthgen.runfolder import DATASET_JSON, RunFolder
+from synthgen.runstate import open_run_folder
+from synthgen.shards import IMAGE_EXTS, MAX_SHARD_SIZE, sample_key, stats_name, tar_name
+from synthgen.stats import RUN_FORMAT
 REQUIRED_META = ("sample_id", "seed", "label", "class_name", "score")
 MAX_PROBLEMS_PER_SHARD = 20  # a garbage shard would otherwise bury the report in per-sample lines
 
@@ -64,30 +64,30 @@ class _RunInfo:
 def verify_run(run_dir: Path | str, decode_images: bool = True) -> VerifyReport:
     """Check every shard of a run folder (a path or a URL); returns a report whose `problems` name shard,
     key and fault."""
-    run_dir = storage.normalize_out(run_dir)
-    report = VerifyReport(run_dir=run_dir, shards_checked=0, samples=0, problems=[])
-    dataset = _load_dataset(run_dir, report.problems)
+    folder = open_run_folder(run_dir)
+    report = VerifyReport(run_dir=folder.location, shards_checked=0, samples=0, problems=[])
+    dataset = _load_dataset(folder, report.problems)
     if dataset is None:
         return report
-    with storage.local_copies(run_dir) as local:
-        _verify_shards(run_dir, dataset, report, decode_images, local)
+    with folder.local_copies() as local:
+        _verify_shards(folder, dataset, report, decode_images, local)
     return report
 
 
-def _verify_shards(run_dir: Path | str, dataset: dict, report: VerifyReport, decode_images: bool, local) -> None:
+def _verify_shards(folder: RunFolder, dataset: dict, report: VerifyReport, decode_images: bool, local) -> None:
     info = _run_info(dataset, report.problems)
-    names = storage.list_files(run_dir)
+    names = folder.files()
     report.problems += _stray_files(names)
     listed = _listed_shards(dataset, report.problems)
     on_disk = _shards_on_disk(names)
-    report.problems += _shard_set_problems(run_dir, dataset, listed, on_disk)
+    report.problems += _shard_set_problems(dataset, listed, on_disk)
 
     # dataset.json aggregates the stats files, and each stats file is checked against its tar: so the
     # run totals are compared with the stats, and a damaged shard is reported once, at the shard.
     per_class: Counter[int] = Counter()
     recorded_samples = 0
     for shard in sorted(listed | on_disk["stats"]):
-        stats = _load_stats(run_dir, shard, report.problems)
+        stats = _load_stats(folder, shard, report.problems)
         if stats is None or shard not in on_disk["tars"]:
             continue
         entry = (dataset.get("shards") or {}).get(str(shard))
@@ -106,12 +106,12 @@ def _verify_shards(run_dir: Path | str, dataset: dict, report: VerifyReport, dec
 # ---------------------------------------------------------------------------------------------------
 
 
-def _load_dataset(run_dir: Path | str, problems: list[str]) -> dict | None:
-    path = storage.join(run_dir, "dataset.json")
+def _load_dataset(folder: RunFolder, problems: list[str]) -> dict | None:
+    path = folder.where(DATASET_JSON)
     try:
-        raw = storage.read_bytes(run_dir, "dataset.json")
+        raw = folder.read(DATASET_JSON)
         if raw is None:
-            problems.append(f"{run_dir}: no dataset.json, not a synthgen run folder")
+            problems.append(f"{folder.location}: no dataset.json, not a synthgen run folder")
             return None
         dataset = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:
@@ -169,9 +169,9 @@ def _shards_on_disk(names) -> dict[str, set[int]]:
     return found
 
 
-def _shard_set_problems(run_dir: Path | str, dataset: dict, listed: set[int], on_disk: dict) -> list[str]:
+def _shard_set_problems(dataset: dict, listed: set[int], on_disk: dict) -> list[str]:
     tars, stats = on_disk["tars"], on_disk["stats"]
-    tar, st = (lambda k: shard_path(run_dir, k).name), (lambda k: stats_path(run_dir, k).name)
+    tar, st = tar_name, stats_name
     out = [f"{tar(k)}: listed as done in dataset.json but has no stats file" for k in sorted(listed - stats)]
     out += [f"{st(k)}: stats file for a shard dataset.json does not list as done" for k in sorted(stats - listed)]
     out += [f"{st(k)}: stats file but no tar {tar(k)}" for k in sorted(stats - tars)]
@@ -185,15 +185,16 @@ def _shard_set_problems(run_dir: Path | str, dataset: dict, listed: set[int], on
     return out
 
 
-def _load_stats(run_dir: Path | str, shard: int, problems: list[str]) -> dict | None:
+def _load_stats(folder: RunFolder, shard: int, problems: list[str]) -> dict | None:
+    """The stats file as a plain dict (verify reports each bad field; runs trust only stats.parse_stats)."""
     try:
-        raw = storage.read_bytes(run_dir, stats_path(Path(), shard).name)
+        raw = folder.read(stats_name(shard))
         stats = None if raw is None else json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:
-        problems.append(f"{stats_path(run_dir, shard).name}: unreadable ({exc})")
+        problems.append(f"{stats_name(shard)}: unreadable ({exc})")
         return None
     if stats is not None and not isinstance(stats, dict):
-        problems.append(f"{stats_path(run_dir, shard).name}: not a JSON object")
+        problems.append(f"{stats_name(shard)}: not a JSON object")
         return None
     return stats
 
@@ -224,8 +225,8 @@ def _check_shard(
 ) -> tuple[list[str], Counter[int], int]:
     """Problems of one shard, its observed per-label counts and its number of samples.
 
-    `local(name)`: a local path of the run folder's file (storage.local_copies)."""
-    name = shard_path(Path(), shard).name
+    `local(name)`: a local path of the run folder's file (RunFolder.local_copies)."""
+    name = tar_name(shard)
     try:
         path = local(name)
     except OSError as exc:
@@ -270,7 +271,7 @@ def _record_problems(path: Path, shard: int, stats: dict, entry: dict | None) ->
     if "bytes" in stats and size != stats["bytes"]:
         out.append(f"{name}: {size} bytes, stats say {stats['bytes']}")
     if "shard" in stats and stats["shard"] != shard:
-        out.append(f"{stats_path(path.parent, shard).name}: says shard {stats['shard']}")
+        out.append(f"{stats_name(shard)}: says shard {stats['shard']}")
     for field_name in ("count", "sha256"):
         if entry is not None and field_name in entry and entry[field_name] != stats.get(field_name):
             out.append(f"{name}: dataset.json {field_name} {entry[field_name]!r} != stats {stats.get(field_name)!r}")

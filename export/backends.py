@@ -13,8 +13,6 @@ into chunks the backend accepts and pads each to a bucket, dropping the padded r
 from __future__ import annotations
 
 import importlib.util
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -268,18 +266,3 @@ def output_error(reference: torch.Tensor, output: torch.Tensor) -> dict:
     scale = float(ref.abs().max())
     return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs,
             "finite": bool(torch.isfinite(out).all())}
-
-
-def median_seconds(fn: Callable[[], object], warmup: int = 1, repeats: int = 3) -> float:
-    """Median wall time of fn() after warm-up calls (CUDA work is synchronized)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)

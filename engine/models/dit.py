@@ -373,24 +373,6 @@ class DiT(nn.Module):
         h = self.final_layer(h, c)  # (B, T, p*p*C)
         return self.unpatchify(h)  # (B, C, H, W)
 
-    def forward_cfg(
-        self, x: Tensor, t: Tensor, cond: Tensor, null_cond: Tensor, guidance_scale: float | Tensor
-    ) -> Tensor:
-        """Classifier-free guidance as one batched forward over [cond; uncond].
-
-        null_cond is (cond_dim,) or (B, cond_dim) (the pack's null embedding); guidance_scale is a float or
-        a (B,) tensor. Returns uncond + scale * (cond - uncond), shape of x. One forward of 2B rows keeps
-        the GPU busier than two of B, and both halves see the same kernels, so scale=1 returns cond exactly
-        up to float error.
-        """
-        B = x.shape[0]
-        null = null_cond.to(cond.dtype).expand(B, -1)  # (B, cond_dim)
-        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))  # (2B, C, H, W)
-        out_c, out_u = out.chunk(2)  # 2 x (B, C, H, W)
-        if isinstance(guidance_scale, Tensor) and guidance_scale.ndim == 1:
-            guidance_scale = guidance_scale.to(out.dtype)[:, None, None, None]  # (B, 1, 1, 1)
-        return out_u + guidance_scale * (out_c - out_u)
-
     # ---- Cost model ----
 
     def flops_per_forward(self) -> int:

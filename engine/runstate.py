@@ -1,0 +1,143 @@
+"""A run's state in its folder: open the folder (local or URL, chosen here once), check that it belongs to
+this run, clean what was never committed, list what is pending, and rebuild `dataset.json`.
+
+Stats files are the truth: `dataset.json` is rebuilt from them after every run, so it is right whichever
+process or machine wrote which shard. All of this runs before any model loads or after the last shard.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from synthgen.config import GenerateConfig
+from synthgen.errors import UsageError
+from synthgen.runfolder import DATASET_JSON, RunFolder, is_remote, normalize_out
+from synthgen.stats import RUN_FORMAT, RunDoc, json_bytes
+
+
+def open_run_folder(out, staging: Path | None = None) -> RunFolder:
+    """The run folder at `out` (a path or a URL) as the right kind; `staging`: where a URL folder's shards
+    are written before upload (None: a temporary folder)."""
+    out = normalize_out(out)
+    if is_remote(out):
+        from synthgen.urlfolder import UrlFolder
+
+        return UrlFolder(out, staging)
+    from synthgen.localfolder import LocalFolder
+
+    return LocalFolder(out)
+
+
+def run_folder(cfg: GenerateConfig) -> RunFolder:
+    return open_run_folder(cfg.out, cfg.staging)
+
+
+def versions() -> dict:
+    import diffusers
+    import numpy
+    import timm
+    import torch
+    import webdataset
+
+    import synthgen
+
+    return {
+        "synthgen": synthgen.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "timm": timm.__version__, "numpy": numpy.__version__, "webdataset": getattr(webdataset, "__version__", "?"),
+        "python": platform.python_version(),
+    }
+
+
+def read_dataset_json(folder: RunFolder) -> dict | None:
+    raw = folder.read(DATASET_JSON)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{folder.where(DATASET_JSON)} is not valid JSON ({e}); rerun with --overwrite to "
+                         "start this folder afresh") from e
+    if not isinstance(doc, dict):
+        raise UsageError(f"{folder.where(DATASET_JSON)} is not a JSON object; rerun with --overwrite to start "
+                         "this folder afresh")
+    return doc
+
+
+def _json_roundtrip(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def prepare_run(folder: RunFolder, cfg: GenerateConfig, identity: dict, header: dict) -> list:
+    """Create or reopen the folder for this identity; returns the stray temporary files it removed.
+
+    A folder written under a different identity is refused (resuming it would mix two datasets), unless
+    --overwrite, which deletes only synthgen's own files there (refused while another process writes).
+    Cheap, and needs no model: run it before loading any.
+    """
+    folder.create()
+    identity = _json_roundtrip(identity)
+    with folder.folder_lock():
+        existing = read_dataset_json(folder)
+        if cfg.overwrite:
+            folder.clear()
+            existing = None
+        elif existing is None and any(name.endswith(".tar") for name in folder.files()):
+            raise UsageError(
+                f"{folder.location} holds .tar files but no {DATASET_JSON}: it is not a synthgen run folder. "
+                "Choose another --out, or pass --overwrite to delete those shards"
+            )
+        elif existing is not None and existing.get("identity") != identity:
+            old = existing.get("identity", {})
+            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in diff[:8])
+            raise UsageError(
+                f"{folder.location} was generated with a different configuration ({details}); resuming would "
+                "mix two datasets. Use the original options, another --out, or --overwrite to start afresh"
+            )
+        removed = folder.remove_uncommitted(cfg.shards)
+        if existing is None:
+            doc = RunDoc.from_dict({**_json_roundtrip(header), "identity": identity})
+            folder.write(DATASET_JSON, json_bytes(doc.to_dict()))
+    return removed
+
+
+def finalize_run(folder: RunFolder, cfg: GenerateConfig, class_names: list[str]) -> dict:
+    """Aggregate every committed shard's stats into dataset.json; returns the updated document.
+
+    Under the folder lock, so of two processes finishing together the later one reads every shard the
+    earlier one committed, and the last dataset.json written is complete when the run is. A URL folder
+    has no lock: each run aggregates what is committed when it ends (urlfolder.py).
+    """
+    with folder.folder_lock():
+        doc = RunDoc.from_dict(read_dataset_json(folder) or {"identity": {}})
+        doc.class_names = class_names
+        doc.aggregate(folder.committed((0, cfg.num_shards)), cfg.num_shards, cfg.n)
+        out = doc.to_dict()
+        folder.write(DATASET_JSON, json_bytes(out))
+    return out
+
+
+def remembered_batch_sizes(folder: RunFolder, cfg: GenerateConfig, device: str) -> dict[str, int]:
+    """stage -> the smallest working chunk size a committed shard of this run ended at below its configured
+    size, among shards written on `device` with the configured sizes of `cfg`: what an out-of-memory
+    backoff learned, for a resumed process to start from. A changed --batch or device forgets it."""
+    configured = cfg.batch_sizes
+    out: dict[str, int] = {}
+    for stats in folder.committed((0, cfg.num_shards)).values():
+        if stats.device != device:
+            continue
+        for stage, size in stats.batch_sizes.items():
+            if stats.configured_batch_sizes.get(stage) == configured.of(stage) and size < configured.of(stage):
+                out[stage] = min(size, out.get(stage, size))
+    return out
+
+
+def pending_shards(folder: RunFolder, cfg: GenerateConfig) -> list[int]:
+    """Shards in the requested range not yet committed."""
+    start, stop = cfg.shards or (0, cfg.num_shards)
+    if start >= cfg.num_shards:
+        raise UsageError(f"--shards {start}:{stop} starts past the last shard ({cfg.num_shards - 1})")
+    done = folder.committed((start, min(stop, cfg.num_shards)))
+    return [k for k in range(start, min(stop, cfg.num_shards)) if k not in done]
