@@ -25,21 +25,25 @@ CHILD = r"""
 import json, sys, time
 import numpy as np
 from synthgen.config import GenerateConfig
-from synthgen.pipeline import describe_run, generate_batch, load_engine, run_shards
-from synthgen.runfolder import prepare_run_dir
+from synthgen.pipeline import describe_run
+from synthgen.render import render_batch
+from synthgen.runstate import prepare_run, run_folder
+from synthgen.runtime import load_runtime
+from synthgen.shard_job import run_shards
 
 args = json.loads(sys.argv[1])
 cfg = GenerateConfig(**args, progress=False, overwrite=True)
 identity, header, _ = describe_run(cfg)
-engine = load_engine(cfg)
-generate_batch(engine, np.arange(cfg.batch))  # first-call costs (allocator, oneDNN primitives)
+rt = load_runtime(cfg)
+render_batch(rt, np.arange(cfg.batch))  # first-call costs (allocator, oneDNN primitives)
 start = time.perf_counter()
 for first in range(0, cfg.n, cfg.batch):
-    generate_batch(engine, np.arange(first, min(first + cfg.batch, cfg.n)))
+    render_batch(rt, np.arange(first, min(first + cfg.batch, cfg.n)))
 serial = time.perf_counter() - start
-prepare_run_dir(cfg, identity, header)
+folder = run_folder(cfg)
+prepare_run(folder, cfg, identity, header)
 start = time.perf_counter()
-list(run_shards(engine, [0]))
+list(run_shards(rt, folder, [0]))
 print(json.dumps({"serial_s": serial, "run_s": time.perf_counter() - start}))
 """
 
@@ -86,7 +90,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for overlap in runs:  # alternating, so drifting load moves both modes alike
                     settings = dict(n=args.n, out=str(tmp / "run"), pack=str(pack), bank=str(bank), steps=args.steps,
-                                    cfg=args.cfg, dtype=args.dtype, backend=args.backend, batch=batch,
+                                    guidance=args.cfg, dtype=args.dtype, backend=args.backend, batch=batch,
                                     shard_size=args.n, overlap=overlap)
                     runs[overlap].append(measure(settings, env))
             row = {"batch": batch}

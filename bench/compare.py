@@ -57,7 +57,7 @@ def arms(quick: bool, taus: tuple[float, float]) -> list[Arm]:
         Arm(f"rep reuse 5x, min-score {taus[0]:.3f} (p25)", "filtering", scale=5 * s, gen={"min_score": taus[0]}),
         Arm(f"rep reuse 5x, min-score {taus[1]:.3f} (p50)", "filtering", scale=5 * s, gen={"min_score": taus[1]}),
         Arm("rep reuse 5x, keep-top 0.5", "filtering", scale=5 * s, gen={"keep_top": 0.5}),
-        Arm("rep reuse 5x, cfg 2", "conditioning", scale=5 * s, gen={"cfg": 2.0}),
+        Arm("rep reuse 5x, cfg 2", "conditioning", scale=5 * s, gen={"guidance": 2.0}),
         Arm("dpmpp_2m 4 steps 0.5x", "sampler", scale=0.5 * s, gen={"sampler": "dpmpp_2m", "steps": 4}),
         Arm("dpmpp_2m 8 steps 0.5x", "sampler", scale=0.5 * s),
         Arm("dpmpp_2m 16 steps 0.5x", "sampler", scale=0.5 * s, gen={"sampler": "dpmpp_2m", "steps": 16}),
@@ -71,7 +71,7 @@ def arms(quick: bool, taus: tuple[float, float]) -> list[Arm]:
 
 
 # 8 DPM-Solver++ steps without guidance: the study's budget on 2 cores (the sampler arms vary this).
-GEN_DEFAULTS = dict(sampler="dpmpp_2m", steps=8, cfg=1.0, shard_size=1000, batch=256, progress=False)
+GEN_DEFAULTS = dict(sampler="dpmpp_2m", steps=8, guidance=1.0, shard_size=1000, batch=256, progress=False)
 
 
 def pilot_taus(pack: Path, work: Path) -> tuple[float, float]:
@@ -79,10 +79,11 @@ def pilot_taus(pack: Path, work: Path) -> tuple[float, float]:
     import numpy as np
 
     from synthgen.config import GenerateConfig
-    from synthgen.pipeline import generate_batch, load_engine
+    from synthgen.render import render_batch
+    from synthgen.runtime import load_runtime
 
-    engine = load_engine(GenerateConfig(n=512, out=work / "pilot", pack=pack, seed=99, **GEN_DEFAULTS))
-    scores = np.concatenate([generate_batch(engine, np.arange(i, i + 256)).scores for i in (0, 256)])
+    rt = load_runtime(GenerateConfig(n=512, out=work / "pilot", pack=pack, seed=99, **GEN_DEFAULTS))
+    scores = np.concatenate([render_batch(rt, np.arange(i, i + 256)).scores for i in (0, 256)])
     return float(np.nanpercentile(scores, 25)), float(np.nanpercentile(scores, 50))
 
 

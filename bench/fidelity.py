@@ -37,11 +37,12 @@ def to_digits_pixels(images: np.ndarray) -> np.ndarray:
 
 def agreement(pack: Path | None, cfg: float, steps: int, sampler: str, n: int, svc) -> dict:
     from synthgen.config import GenerateConfig
-    from synthgen.pipeline import generate_batch, load_engine
+    from synthgen.render import render_batch
+    from synthgen.runtime import load_runtime
 
     start = time.perf_counter()
-    engine = load_engine(GenerateConfig(n=n, out=Path("unused"), pack=pack, cfg=cfg, steps=steps, sampler=sampler))
-    result = generate_batch(engine, np.arange(n, dtype=np.int64))
+    rt = load_runtime(GenerateConfig(n=n, out=Path("unused"), pack=pack, guidance=cfg, steps=steps, sampler=sampler))
+    result = render_batch(rt, np.arange(n, dtype=np.int64))
     predicted = svc.predict(to_digits_pixels(result.images))
     return {"cfg": cfg, "steps": steps, "sampler": sampler, "n": n,
             "agreement": round(float((predicted == np.asarray(result.plan.labels)).mean()), 4),

@@ -724,7 +724,7 @@ def table_lines(r: BenchResult) -> list[str]:
     lines = [
         f"pack     {p['name']} ({p['source']}{', random weights' if p['random_weights'] else ''}), "
         f"{p['image_size']} px, bank of {p['bank_size']}",
-        f"run      backend {c['backend']}, {c['dtype']}, {c['sampler']}, cfg {c['cfg']}, {c['format']} q{c['quality']}",
+        f"run      backend {c['backend']}, {c['dtype']}, {c['sampler']}, cfg {c['guidance']}, {c['format']} q{c['quality']}",
         f"machine  {dev['type']} {dev['name']}, {e['cpu_cores']} cores, {e['torch_threads']} torch threads "
         f"(OMP_NUM_THREADS={e['omp_num_threads']}), load {e['load_avg_start'][0]} -> {e['load_avg_end'][0]}",
         f"peak     {peaks} ({c['matmul_size']}^3 matmul, measured now)",

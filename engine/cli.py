@@ -249,7 +249,8 @@ def generate(
     bank: Optional[Path] = typer.Option(None, help="Embedding bank (default: PACK/bank)."),
     sampler: str = typer.Option(_default("sampler"), help=" | ".join(SAMPLERS)),
     steps: int = typer.Option(_default("steps"), min=1, help="Denoising steps."),
-    guidance: float = typer.Option(_default("guidance"), "--cfg", min=0.0, help="Guidance scale on the representation (1 = off)."),
+    guidance: float = typer.Option(_default("guidance"), "--cfg", min=0.0,
+                                   help="Guidance scale on the representation (1 = off)."),
     null: str = typer.Option(_default("null"), help="pack | zeros | mean: the unconditional input of guidance "
                              "(the pack's own; an imported UNet without a learned null needs zeros or mean, the "
                              "bank's mean embedding)."),
@@ -484,7 +485,8 @@ def bench(
     sampler: str = typer.Option(_bench("sampler"), help=" | ".join(SAMPLERS)),
     steps: str = typer.Option(_bench("steps"), callback=_int_list("--steps"), help="Comma-separated step counts."),
     batch: str = typer.Option(_bench("batches"), callback=_int_list("--batch"), help="Comma-separated batch sizes."),
-    guidance: float = typer.Option(_bench("guidance"), "--cfg", min=0.0, help="Guidance scale (1 = off: one denoiser row per image)."),
+    guidance: float = typer.Option(_bench("guidance"), "--cfg", min=0.0,
+                                   help="Guidance scale (1 = off: one denoiser row per image)."),
     n: str = typer.Option(_bench("n"), "--n", help="Images per end-to-end run (synthgen and naive)."),
     decode_batch: Optional[int] = typer.Option(None, min=1, help="End to end: VAE decode rows per chunk "
                                                "(default: each --batch), as generate's --decode-batch."),

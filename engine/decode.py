@@ -2,7 +2,7 @@
 
 Both decoders have one method, `decode(blobs) -> [(image, error), ...]`, one pair per blob in order:
 `image` is (H, W, 3) uint8 RGB or None, `error` a short reason or None. A blob that cannot be decoded
-is data, never an exception (DESIGN.md: failures are data).
+is data, never an exception.
 
 - `DaliDecoder`: a DALI pipeline `fn.external_source` (the bytes the source readers produce) ->
   `fn.decoders.image` -> `fn.resize`. Without a GPU: `device="cpu"` operators and `device_id=None`.

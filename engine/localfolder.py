@@ -96,9 +96,10 @@ class LocalFolder(RunFolder):
         return True
 
     def remove_uncommitted(self, shard_range: tuple[int, int] | None = None) -> list[Path]:
-        """Every shard, whatever `shard_range` (claims make that safe here). Per shard: temporaries, an uncommitted tar and a stale lock file -- only when the shard's claim
-        can be taken, so the open shard of another live process is left alone. Other `*.tmp` files
-        (dataset.json's) are written under the run lock, which the caller holds."""
+        """Every shard, whatever `shard_range` (claims make that safe here). Per shard: temporaries, an
+        uncommitted tar and a stale lock file -- only when the shard's claim can be taken, so the open shard
+        of another live process is left alone. Other `*.tmp` files (dataset.json's) are written under the
+        run lock, which the caller holds."""
         listing = self.files()
         removed = self.delete([n for n in listing if n.endswith(".tmp") and not SHARD_TMP_RE.match(n)])
         stray = self.uncommitted_shard_files(listing, None)

@@ -1,6 +1,6 @@
 """Counter-based randomness: every random number is a pure function of (sample seed, stream, element).
 
-The determinism contract (DESIGN.md) says sample `i` gets its own generator seeded by hash(run seed, i).
+The determinism contract: sample `i` gets its own generator seeded by hash(run seed, i).
 A stateful `torch.Generator` per sample would force a Python loop over the batch at every denoising
 step. Instead each value is a hash of (sample seed, stream, element index), computed for the whole
 batch in a few integer tensor ops: batch size, padding, device and worker count cannot change which

@@ -98,15 +98,23 @@ def describe_run(cfg: GenerateConfig) -> tuple[dict, dict, list[str]]:
 # ---- Executors: who runs the pending shards ----------------------------------------------------------
 
 
+def check_executor(cfg: GenerateConfig) -> None:
+    """Refuse an executor that cannot run here before the run folder is touched."""
+    if cfg.executor == "ray":
+        from synthgen.distributed import import_ray
+
+        import_ray()
+    elif (cfg.workers or 1) > 1:
+        raise UsageError(
+            f"--workers {cfg.workers} needs --executor ray (pip install 'synthgen[ray]'); without Ray, start "
+            "one 'synthgen generate' per worker on the same --out: shard claims split the work"
+        )
+
+
 class LocalExecutor:
     """Runs shards in this process with one runtime (loaded once, here)."""
 
     def __init__(self, cfg: GenerateConfig, folder: RunFolder) -> None:
-        if (cfg.workers or 1) > 1:
-            raise UsageError(
-                f"--workers {cfg.workers} needs --executor ray (pip install 'synthgen[ray]'); without Ray, start "
-                "one 'synthgen generate' per worker on the same --out: shard claims split the work"
-            )
         self.folder = folder
         self.runtime = load_runtime(cfg)
 
@@ -136,6 +144,7 @@ def run_generate(cfg: GenerateConfig) -> RunSummary:
     """
     with stop_on_signals():
         identity, header, class_names = describe_run(cfg)
+        check_executor(cfg)
         folder = run_folder(cfg)
         removed = prepare_run(folder, cfg, identity, header)
         todo = pending_shards(folder, cfg)

@@ -14,7 +14,7 @@ from pathlib import Path
 from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
 from synthgen.runfolder import DATASET_JSON, RunFolder, is_remote, normalize_out
-from synthgen.stats import RUN_FORMAT, RunDoc, json_bytes
+from synthgen.stats import RunDoc, json_bytes
 
 
 def open_run_folder(out, staging: Path | None = None) -> RunFolder:

@@ -1,6 +1,6 @@
 """Labelled real images for `synthgen embed`: an ImageNet-style folder, WebDataset shards, or a builtin set.
 
-`open_source(spec)` validates the spec once (STYLE.md 14): a spec that names nothing readable raises
+`open_source(spec)` validates the spec once: a spec that names nothing readable raises
 `UsageError` saying which forms are accepted. After that, failures are data: a file that cannot be
 read or decoded (corrupt, truncated, empty, not an image) becomes a `SourceItem` with `image=None` and a
 short `error`, so the embedding run counts it and goes on.

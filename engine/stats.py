@@ -23,6 +23,12 @@ def json_bytes(obj) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=1, allow_nan=False) + "\n").encode("utf-8")
 
 
+def _known_fields(cls, d: dict):
+    """Tolerant of keys older or newer synthgen wrote: unknown keys are ignored, missing ones defaulted."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass(frozen=True)
 class ShardStats:
     """What generating one shard did; written last, as the shard's done marker."""
@@ -53,9 +59,7 @@ class ShardStats:
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardStats:
-        """Tolerant of keys older or newer synthgen wrote: unknown keys are ignored, missing ones defaulted."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return _known_fields(cls, d)
 
     def to_bytes(self) -> bytes:
         return json_bytes(self.to_dict())
@@ -101,8 +105,7 @@ class RunDoc:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunDoc:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return _known_fields(cls, d)
 
     def aggregate(self, committed: dict[int, ShardStats], num_shards: int, n: int) -> None:
         """Fill shards, per-class counts and totals from the committed shards' stats (the truth)."""

@@ -3,7 +3,7 @@
 Every shard is read back with the `webdataset` library (the reader a classifier will use) and checked
 against its stats file and `dataset.json`: counts, sha256 (tamper and truncation detection), keys,
 members, labels, metadata, decodable images of the right size, per-class counts and totals. Problems
-are data (STYLE.md 14): a truncated or garbage tar becomes a line in the report, never an exception.
+are data: a truncated or garbage tar becomes a line in the report, never an exception.
 A URL run folder (s3://, memory://...) is listed and read through fsspec; each shard is downloaded to a
 temporary file, one at a time, and checked there like a local one.
 """

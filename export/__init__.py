@@ -1,1 +1,1 @@
-"""ONNX export and inference-engine builders (see DESIGN.md)."""
+"""ONNX export and inference-engine builders."""

@@ -1,4 +1,4 @@
-"""Triton kernels for the hot paths, each beside its plain-PyTorch reference (see DESIGN.md).
+"""Triton kernels for the hot paths, each beside its plain-PyTorch reference.
 
     attention.py      fused attention forward (flash-style online softmax)     attention_ref
     adaln.py          LayerNorm + adaLN modulation; gated residual              *_ref beside each

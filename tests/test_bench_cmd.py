@@ -1,6 +1,6 @@
 """`synthgen bench`: the CLI end to end on the tiny preset, its JSON contract, and clear errors for bad flags.
 
-Throughput numbers are never asserted against a floor (DESIGN.md: benchmarks measure, tests check contracts).
+Throughput numbers are never asserted against a floor.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def test_cli_defaults_equal_bench_config_defaults():
     config = BenchConfig()
     assert params["steps"].default.default == ",".join(map(str, config.steps))
     assert params["batch"].default.default == ",".join(map(str, config.batches))
-    for name in ("backend", "dtype", "device", "sampler", "cfg", "naive_batch", "repeats", "e2e_repeats",
+    for name in ("backend", "dtype", "device", "sampler", "guidance", "naive_batch", "repeats", "e2e_repeats",
                  "matmul_size"):
         assert params[name].default.default == getattr(config, name), name
     assert int(params["n"].default.default) == config.n

@@ -113,7 +113,7 @@ def test_lost_actor_shard_is_retried_elsewhere(ray_cluster, ray_kwargs, local_re
 def test_ray_run_of_an_imported_pack_equals_local_run(ray_cluster, imported_pack, tmp_path):
     pack, bank = imported_pack
     kw = dict(n=12, pack=pack, bank=bank, sampler="ddim", steps=2, shard_size=4, batch=4, device="cpu",
-              progress=False, cfg=2.0, null="mean")
+              progress=False, guidance=2.0, null="mean")
     run_generate(GenerateConfig(**kw, out=tmp_path / "local"))
     summary = run_generate(GenerateConfig(**kw, out=tmp_path / "ray", executor="ray", workers=2))
     assert summary.complete and verify_run(tmp_path / "ray").ok

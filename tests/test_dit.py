@@ -100,16 +100,18 @@ def test_batch_independence(tiny: DiT) -> None:
             torch.testing.assert_close(full[i : i + 1], one, atol=1e-5, rtol=0)
 
 
-def test_cfg_is_one_batched_forward(tiny: DiT) -> None:
+def test_guidance_halves_are_one_batched_forward(tiny: DiT) -> None:
+    from synthgen.condition import cond_uncond
+
     x, t, cond = _inputs(tiny.config, 3, seed=2)
     null = torch.zeros(tiny.config.cond_dim)
-    scale = torch.tensor([0.0, 1.0, 4.0])
     with torch.no_grad():
-        guided = tiny.forward_cfg(x, t, cond, null, scale)
-        c = tiny(x, t, cond)
-        u = tiny(x, t, null.expand(3, -1))
-    expected = u + scale[:, None, None, None] * (c - u)
-    torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
+        c, u = cond_uncond(tiny, x, t, cond, null, guidance=4.0)
+        torch.testing.assert_close(c, tiny(x, t, cond), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(u, tiny(x, t, null.expand(3, -1)), atol=1e-5, rtol=1e-5)
+        plain, none = cond_uncond(tiny, x, t, cond, null, guidance=1.0)  # no guidance: no unconditional half
+    assert none is None
+    torch.testing.assert_close(plain, c, atol=1e-5, rtol=1e-5)
 
 
 def test_meta_build_and_assign_load_matches(tiny: DiT, tmp_path) -> None:

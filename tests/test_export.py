@@ -31,7 +31,8 @@ from synthgen.export.backends import (  # noqa: E402
 from synthgen.export.manifest import cpu_isa, read_manifest, write_manifest  # noqa: E402
 from synthgen.export.precision import convert_precision  # noqa: E402
 from synthgen.pack import load_pack  # noqa: E402
-from synthgen.pipeline import generate_batch, load_engine  # noqa: E402
+from synthgen.render import render_batch  # noqa: E402
+from synthgen.runtime import load_runtime  # noqa: E402
 from synthgen.presets import write_random_pack  # noqa: E402
 
 SLOW = os.environ.get("SYNTHGEN_SLOW_TESTS") == "1"
@@ -153,10 +154,10 @@ def test_buckets_pad_and_split_to_the_same_rows(packs):
 
 def test_generate_through_ort_matches_eager(ort_engines, gen_kwargs):
     _, folder = ort_engines["tiny"]
-    kwargs = {**gen_kwargs, "cfg": 2.0}  # guidance: the denoiser sees cond and uncond as one 2B batch
+    kwargs = {**gen_kwargs, "guidance": 2.0}  # guidance: the denoiser sees cond and uncond as one 2B batch
     ids = np.arange(40, 46)
-    eager = generate_batch(load_engine(GenerateConfig(**kwargs)), ids, keep_pixels=True)
-    ort = generate_batch(load_engine(GenerateConfig(**kwargs, engine=folder)), ids, keep_pixels=True)
+    eager = render_batch(load_runtime(GenerateConfig(**kwargs)), ids, keep_pixels=True)
+    ort = render_batch(load_runtime(GenerateConfig(**kwargs, engine=folder)), ids, keep_pixels=True)
     torch.testing.assert_close(ort.pixels, eager.pixels, atol=1e-3, rtol=0)
     np.testing.assert_allclose(ort.scores, eager.scores, atol=1e-3)
     assert np.abs(ort.images.astype(int) - eager.images.astype(int)).max() <= 1
@@ -212,27 +213,61 @@ def test_manifest_detects_another_cpu_isa_for_cpu_specific_backends(ort_engines,
 
 def test_on_the_fly_backend_builds_into_cache_and_reuses_it(gen_kwargs, tmp_path, monkeypatch):
     monkeypatch.setenv("SYNTHGEN_ENGINE_CACHE", str(tmp_path / "cache"))
-    engine = load_engine(GenerateConfig(**gen_kwargs, backend="eager", dtype="bf16"))  # eager: no engine at all
-    assert not (tmp_path / "cache").exists() and engine.pack.denoiser.__class__.__name__ == "Denoiser"
-    load_engine(GenerateConfig(**gen_kwargs, backend="ort"))
+    rt = load_runtime(GenerateConfig(**gen_kwargs, backend="eager", dtype="bf16"))  # eager: no rt at all
+    assert not (tmp_path / "cache").exists() and rt.pack.denoiser.__class__.__name__ == "Denoiser"
+    load_runtime(GenerateConfig(**gen_kwargs, backend="ort"))
     manifests = list((tmp_path / "cache").rglob("manifest.json"))
     assert len(manifests) == 1 and manifests[0].parent.name == "ort-fp32-cpu-b8"
     before = manifests[0].stat().st_mtime_ns
-    engine = load_engine(GenerateConfig(**gen_kwargs, backend="ort"))  # fresh: reused, not rebuilt
-    assert engine.pack.denoiser.backend.name == "ort"
+    rt = load_runtime(GenerateConfig(**gen_kwargs, backend="ort"))  # fresh: reused, not rebuilt
+    assert rt.models.denoiser.backend.name == "ort"
+    assert type(rt.pack.denoiser).__name__ == "Denoiser"  # the pack stays a value: backends live beside it
     assert manifests[0].stat().st_mtime_ns == before
+
+
+def test_two_runs_starting_together_build_the_engine_cache_once(gen_kwargs, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from synthgen import engines
+
+    monkeypatch.setenv("SYNTHGEN_ENGINE_CACHE", str(tmp_path / "cache"))
+    real_build, builds = engines.build_engine, []
+
+    def slow_build(*args, **kwargs):
+        builds.append(threading.get_ident())
+        time.sleep(0.5)  # wide enough for the other run to arrive mid-build
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(engines, "build_engine", slow_build)
+    cfg = GenerateConfig(**gen_kwargs, backend="ort")
+    runtimes, errors = [], []
+
+    def start():
+        try:
+            runtimes.append(load_runtime(cfg))
+        except BaseException as exc:  # surfaced below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors and len(runtimes) == 2 and len(builds) == 1
+    assert all(rt.models.denoiser.backend.name == "ort" for rt in runtimes)
 
 
 def test_on_the_fly_engines_are_built_at_each_stage_batch(gen_kwargs, tmp_path, monkeypatch):
     # Guidance doubles the denoiser's rows; the filter encoder runs in chunks of its own size.
     monkeypatch.setenv("SYNTHGEN_ENGINE_CACHE", str(tmp_path / "cache"))
-    cfg = GenerateConfig(**{**gen_kwargs, "cfg": 2.0}, backend="ort", filter_batch=16)
-    engine = load_engine(cfg)
+    cfg = GenerateConfig(**{**gen_kwargs, "guidance": 2.0}, backend="ort", filter_batch=16)
+    rt = load_runtime(cfg)
     (manifest,) = (tmp_path / "cache").rglob("manifest.json")
     assert manifest.parent.name == "ort-fp32-cpu-b8-f16-cfg"
     components = read_manifest(manifest.parent).components
     assert components["denoiser"].buckets == [8, 16] and components["encoder"].buckets == [16]
-    assert engine.pack.encoder.backend.max_batch == 16
+    assert rt.models.encoder.backend.max_batch == 16
 
 
 def test_build_engine_sizes_override_batch_per_component(packs, tmp_path):

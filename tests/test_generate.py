@@ -11,7 +11,10 @@ import webdataset as wds
 
 from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
-from synthgen.pipeline import generate_batch, load_engine, run_generate
+from synthgen import pipeline
+from synthgen.pipeline import run_generate
+from synthgen.render import render_batch
+from synthgen.runtime import load_runtime
 from synthgen.shards import shard_path, stats_path
 from synthgen.verify import verify_run
 
@@ -47,11 +50,11 @@ def test_same_shard_twice_is_byte_identical(gen_kwargs, tmp_path):
 
 
 def test_batch_size_never_changes_images(gen_kwargs):
-    engine = load_engine(GenerateConfig(**{**gen_kwargs, "cfg": 2.0}))
+    rt = load_runtime(GenerateConfig(**{**gen_kwargs, "guidance": 2.0}))
     ids = np.arange(100, 124)
 
     def by_batches(size):
-        chunks = [generate_batch(engine, ids[i : i + size], keep_pixels=True) for i in range(0, len(ids), size)]
+        chunks = [render_batch(rt, ids[i : i + size], keep_pixels=True) for i in range(0, len(ids), size)]
         return torch.cat([c.pixels for c in chunks]), np.concatenate([c.scores for c in chunks])
 
     pix3, scores3 = by_batches(3)
@@ -93,8 +96,8 @@ def test_stray_temporary_files_are_removed_on_resume(gen_kwargs):
 @pytest.mark.parametrize("rule", [{"min_score": "median"}, {"keep_top": 0.5, "keep_top_group": 8}])
 def test_filtering_hits_exact_counts(gen_kwargs, rule):
     if rule.get("min_score") == "median":
-        engine = load_engine(GenerateConfig(**gen_kwargs))
-        rule = {"min_score": float(np.median(generate_batch(engine, np.arange(40)).scores))}
+        rt = load_runtime(GenerateConfig(**gen_kwargs))
+        rule = {"min_score": float(np.median(render_batch(rt, np.arange(40)).scores))}
     summary = run_generate(GenerateConfig(**gen_kwargs, **rule))
     run_dir = gen_kwargs["out"]
     samples = read_back(run_dir)
@@ -130,10 +133,16 @@ def test_exhausted_budget_is_reported_not_hidden(gen_kwargs):
 # ---- errors users will hit ------------------------------------------------------------------------
 
 
-def test_refuses_to_resume_a_folder_from_another_config(gen_kwargs):
+def test_refuses_to_resume_a_folder_from_another_config(gen_kwargs, monkeypatch):
     run_generate(GenerateConfig(**gen_kwargs))
+
+    def no_model_loads(cfg):
+        raise AssertionError("models were loaded before the folder's identity was checked")
+
+    monkeypatch.setattr(pipeline, "load_runtime", no_model_loads)
     with pytest.raises(UsageError, match=r"different configuration \(steps: 2 -> 3.*--overwrite"):
         run_generate(GenerateConfig(**{**gen_kwargs, "steps": 3}))
+    monkeypatch.undo()
     summary = run_generate(GenerateConfig(**{**gen_kwargs, "steps": 3, "overwrite": True}))
     assert summary.complete and verify_run(gen_kwargs["out"]).ok
 

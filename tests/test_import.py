@@ -365,10 +365,10 @@ def test_generate_on_an_imported_pack_needs_a_null_for_guidance(imported_pack, t
     base = dict(n=12, pack=pack, bank=bank, sampler="ddim", steps=2, shard_size=6, batch=4, device="cpu",
                 progress=False)
     with pytest.raises(UsageError, match="--null zeros or --null mean"):
-        run_generate(GenerateConfig(out=tmp_path / "a", cfg=2.0, **base))
+        run_generate(GenerateConfig(out=tmp_path / "a", guidance=2.0, **base))
     assert not (tmp_path / "a").exists()  # refused before the run folder or any model
     for null, sampler in (("zeros", "dpmpp_2m"), ("mean", "ddpm")):  # and the filter, on the imported encoder
-        summary = run_generate(GenerateConfig(out=tmp_path / null, cfg=2.0, null=null, min_score=-0.5,
+        summary = run_generate(GenerateConfig(out=tmp_path / null, guidance=2.0, null=null, min_score=-0.5,
                                               **{**base, "sampler": sampler}))
         assert summary.complete and verify_run(tmp_path / null).ok
     plain = run_generate(GenerateConfig(out=tmp_path / "plain", **base))

@@ -23,7 +23,7 @@ def test_preset_family_generates_end_to_end(preset, sampler, tmp_path):
     write_random_pack(preset, pack)
     build_bank("builtin:digits:test", pack, tmp_path / "bank", progress=False)
     cfg = GenerateConfig(n=6, out=tmp_path / "run", pack=pack, bank=tmp_path / "bank", sampler=sampler, steps=2,
-                         cfg=1.5, shard_size=4, batch=4, progress=False, min_score=-1.0)
+                         guidance=1.5, shard_size=4, batch=4, progress=False, min_score=-1.0)
     summary = run_generate(cfg)
     assert summary.complete and verify_run(cfg.out).ok
 

@@ -30,7 +30,8 @@ from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
 from synthgen.pack import load_pack
 from synthgen.pipeline import run_generate
-from synthgen.runfolder import claim_shard, lock_path, prepare_run_dir, remove_uncommitted
+from synthgen.localfolder import LocalFolder, lock_path
+from synthgen.runstate import prepare_run
 from synthgen.shards import shard_path, stats_path
 from synthgen.verify import verify_run
 
@@ -117,19 +118,19 @@ def reference(slow_base, tmp_path_factory):
 
 
 def test_a_claim_is_exclusive_and_released(tmp_path):
-    claim = claim_shard(tmp_path, 3)
+    claim = LocalFolder(tmp_path).claim(3)
     assert claim is not None and json.loads(lock_path(tmp_path, 3).read_text())["pid"] == os.getpid()
-    assert claim_shard(tmp_path, 3) is None  # flock is per open file: a second claim fails, even in-process
+    assert LocalFolder(tmp_path).claim(3) is None  # flock is per open file: a second claim fails, even in-process
     claim.release()
     assert not lock_path(tmp_path, 3).exists()
-    with claim_shard(tmp_path, 3) as again:
+    with LocalFolder(tmp_path).claim(3) as again:
         assert again is not None
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     lock_path(tmp_path, 0).write_text(json.dumps({"pid": 999999, "host": "gone", "time": 0}))
     (tmp_path / "000000.tar.tmp").write_bytes(b"half a shard")
-    removed = remove_uncommitted(tmp_path)
+    removed = LocalFolder(tmp_path).remove_uncommitted()
     assert sorted(p.name for p in removed) == ["000000.tar.tmp"]
     assert not lock_path(tmp_path, 0).exists()
 
@@ -137,18 +138,18 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 def test_cleanup_leaves_the_open_shard_of_a_live_writer_alone(tmp_path):
     (tmp_path / "000001.tar.tmp").write_bytes(b"being written")
     (tmp_path / "000002.tar.tmp").write_bytes(b"abandoned")
-    with claim_shard(tmp_path, 1):
-        assert [p.name for p in remove_uncommitted(tmp_path)] == ["000002.tar.tmp"]
+    with LocalFolder(tmp_path).claim(1):
+        assert [p.name for p in LocalFolder(tmp_path).remove_uncommitted()] == ["000002.tar.tmp"]
         assert (tmp_path / "000001.tar.tmp").exists()
-    assert [p.name for p in remove_uncommitted(tmp_path)] == ["000001.tar.tmp"]
+    assert [p.name for p in LocalFolder(tmp_path).remove_uncommitted()] == ["000001.tar.tmp"]
 
 
 def test_overwrite_is_refused_while_another_process_writes(gen_kwargs):
     run_generate(GenerateConfig(**gen_kwargs, shards="0:1"))
     cfg = GenerateConfig(**gen_kwargs, overwrite=True)
-    with claim_shard(cfg.out, 1):
+    with LocalFolder(cfg.out).claim(1):
         with pytest.raises(UsageError, match=rf"shard 1 is held by pid {os.getpid()}.*stop it first"):
-            prepare_run_dir(cfg, {}, {})
+            prepare_run(LocalFolder(cfg.out), cfg, {}, {})
         assert shard_path(cfg.out, 0).exists()
 
 
@@ -157,7 +158,7 @@ def test_a_held_shard_is_left_to_its_writer_then_redone_when_it_gives_up(gen_kwa
     without a commit (its writer died)."""
     run_dir = gen_kwargs["out"]
     run_dir.mkdir(parents=True)
-    claim = claim_shard(run_dir, 1)
+    claim = LocalFolder(run_dir).claim(1)
     result = {}
     worker = threading.Thread(target=lambda: result.update(s=run_generate(GenerateConfig(**gen_kwargs))))
     worker.start()
@@ -381,15 +382,23 @@ def test_hostile_bank_keys_stay_inside_metadata(tiny_pack, gen_kwargs, tmp_path)
 
 
 @pytest.mark.parametrize("damage", [b'{"shard": 0, "count"', b"\xff\xfe", b"[1, 2]"])
-def test_a_damaged_stats_file_is_named_and_deleting_it_redoes_the_shard(gen_kwargs, damage):
+def test_a_damaged_stats_file_means_not_committed_and_resume_redoes_the_shard(gen_kwargs, damage):
+    # One commit rule for every folder kind: the stats file parses, names its shard, and records the tar's size.
     cfg = GenerateConfig(**{**gen_kwargs, "n": 20})
     run_generate(cfg)
     reference = shard_path(cfg.out, 0).read_bytes()
     stats_path(cfg.out, 0).write_bytes(damage)
-    with pytest.raises(UsageError, match=r"000000\.stats\.json is damaged .*delete it and rerun the same command "
-                                         r"to generate shard 0 again"):
-        run_generate(cfg)
-    stats_path(cfg.out, 0).unlink()
+    assert verify_run(cfg.out).problems
+    summary = run_generate(cfg)
+    assert summary.shards_written == [0] and summary.complete and verify_run(cfg.out).ok
+    assert shard_path(cfg.out, 0).read_bytes() == reference
+
+
+def test_a_tar_whose_size_differs_from_its_stats_is_not_committed(gen_kwargs):
+    cfg = GenerateConfig(**{**gen_kwargs, "n": 20})
+    run_generate(cfg)
+    reference = shard_path(cfg.out, 0).read_bytes()
+    shard_path(cfg.out, 0).write_bytes(reference[:-512])  # truncated by a copy that died
     assert run_generate(cfg).shards_written == [0] and verify_run(cfg.out).ok
     assert shard_path(cfg.out, 0).read_bytes() == reference
 

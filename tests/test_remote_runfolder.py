@@ -1,4 +1,4 @@
-"""URL run folders (storage.py) on real fsspec file systems: memory:// and file:// (no S3 reachable here).
+"""URL run folders (urlfolder.py) on real fsspec file systems: memory:// and file:// (no S3 reachable here).
 
 Contracts: generate into a URL reads back with webdataset and verifies; resume skips committed shards; a
 crash between the tar upload and the stats upload leaves the shard uncommitted and the rerun completes it
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from synthgen import storage
+from synthgen.runfolder import is_remote
+from synthgen.urlfolder import UrlFolder, filesystem
 from synthgen.cli import main
 from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
@@ -30,7 +31,7 @@ from synthgen.verify import verify_run
 def mem_url():
     url = f"memory://synthgen-test-{uuid.uuid4().hex[:8]}/run"
     yield url
-    fs, root = storage.filesystem(url)
+    fs, root = filesystem(url)
     if fs.exists(root):
         fs.rm(root, recursive=True)
 
@@ -45,7 +46,7 @@ def local_tars(tiny_pack, digits_bank, tmp_path_factory):
 
 
 def url_tars(url: str) -> dict[str, bytes]:
-    fs, root = storage.filesystem(url)
+    fs, root = filesystem(url)
     return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in sorted(fs.glob(f"{root}/*.tar"))}
 
 
@@ -66,10 +67,10 @@ def test_generate_into_memory_url_reads_back_and_verifies(gen_kwargs, mem_url, l
     assert len(samples) == 24 and samples[0]["__key__"] == "00000000000"
     assert all(int(s["cls"]) == json.loads(s["json"])["label"] for s in samples)
     assert url_tars(mem_url) == local_tars  # the same bytes as a local run
-    dataset = json.loads(storage.read_bytes(mem_url, "dataset.json"))
+    dataset = json.loads(UrlFolder(mem_url).read("dataset.json"))
     assert dataset["complete"] and dataset["totals"]["samples"] == 24
     assert "out" not in dataset["identity"]  # where a run lives is not part of what it is
-    assert sorted(storage.list_files(mem_url)) == sorted(
+    assert sorted(UrlFolder(mem_url).files()) == sorted(
         ["dataset.json"] + [f"{k:06d}.{ext}" for k in range(3) for ext in ("tar", "stats.json")])
     assert list((tmp_path / "staging").iterdir()) == []  # staged shards are deleted once uploaded
     report = verify_run(mem_url)
@@ -95,22 +96,22 @@ def test_file_url_resume_skips_committed_shards(gen_kwargs, tmp_path, local_tars
 
 
 def test_crash_between_tar_and_stats_upload_then_rerun(gen_kwargs, mem_url, local_tars, monkeypatch):
-    real_upload = storage._upload
+    real_upload = UrlFolder._upload
 
-    def crash_before_stats_of_shard_1(fs, local, key):
-        if key.endswith("000001.stats.json"):
+    def crash_before_stats_of_shard_1(folder, local, name):
+        if name == "000001.stats.json":
             raise ConnectionError("network lost")  # the tar of shard 1 is up, its done marker is not
-        real_upload(fs, local, key)
+        real_upload(folder, local, name)
 
-    monkeypatch.setattr(storage, "_upload", crash_before_stats_of_shard_1)
+    monkeypatch.setattr(UrlFolder, "_upload", crash_before_stats_of_shard_1)
     with pytest.raises(ConnectionError):
         run_generate(GenerateConfig(**{**gen_kwargs, "out": mem_url}))
-    names = storage.list_files(mem_url)
+    names = UrlFolder(mem_url).files()
     assert "000001.tar" in names and "000001.stats.json" not in names
-    assert storage.completed_shards(mem_url) == {0}
+    assert set(UrlFolder(mem_url).committed()) == {0}
     assert not verify_run(mem_url).ok  # a tar without its stats file is reported, never trusted
 
-    monkeypatch.setattr(storage, "_upload", real_upload)
+    monkeypatch.setattr(UrlFolder, "_upload", real_upload)
     summary = run_generate(GenerateConfig(**{**gen_kwargs, "out": mem_url}))
     assert summary.shards_written == [1, 2] and summary.complete
     assert url_tars(mem_url) == local_tars
@@ -119,9 +120,9 @@ def test_crash_between_tar_and_stats_upload_then_rerun(gen_kwargs, mem_url, loca
 
 def test_a_tar_that_does_not_match_its_stats_is_not_committed(gen_kwargs, mem_url, local_tars):
     run_generate(GenerateConfig(**{**gen_kwargs, "out": mem_url}))
-    fs, root = storage.filesystem(mem_url)
+    fs, root = filesystem(mem_url)
     fs.pipe_file(f"{root}/000002.tar", local_tars["000002.tar"][:1024])  # truncated behind our back
-    assert storage.completed_shards(mem_url) == {0, 1}
+    assert set(UrlFolder(mem_url).committed()) == {0, 1}
     summary = run_generate(GenerateConfig(**{**gen_kwargs, "out": mem_url}))
     assert summary.shards_written == [2] and url_tars(mem_url) == local_tars
 
@@ -129,11 +130,11 @@ def test_a_tar_that_does_not_match_its_stats_is_not_committed(gen_kwargs, mem_ur
 def test_a_shard_committed_by_another_writer_is_not_uploaded_again(gen_kwargs, mem_url, monkeypatch):
     run_generate(GenerateConfig(**{**gen_kwargs, "out": mem_url}))
     uploads = []
-    monkeypatch.setattr(storage, "_upload", lambda fs, local, key: uploads.append(key))
-    before = url_tars(mem_url), storage.read_bytes(mem_url, "000000.stats.json")
+    monkeypatch.setattr(UrlFolder, "_upload", lambda folder, local, name: uploads.append(name))
+    before = url_tars(mem_url), UrlFolder(mem_url).read("000000.stats.json")
     # A late second writer of shard 0: publish re-checks the commit and touches nothing.
-    assert storage.publish_shard(mem_url, Path("/nonexistent-staging"), 0) is False
-    assert uploads == [] and (url_tars(mem_url), storage.read_bytes(mem_url, "000000.stats.json")) == before
+    assert UrlFolder(mem_url).publish(Path("/nonexistent-staging"), 0) is False
+    assert uploads == [] and (url_tars(mem_url), UrlFolder(mem_url).read("000000.stats.json")) == before
 
 
 def test_other_configuration_is_refused_on_a_url_too(gen_kwargs, mem_url):
@@ -177,14 +178,14 @@ def test_ray_executor_with_a_process_local_memory_url_is_refused(gen_kwargs, mem
 
 def test_plain_paths_stay_paths(gen_kwargs, tmp_path):
     assert GenerateConfig(**{**gen_kwargs, "out": str(tmp_path / "x")}).out == tmp_path / "x"
-    assert not storage.is_remote("C://windows/drive") and storage.is_remote("file:///tmp/x")
+    assert not is_remote("C://windows/drive") and is_remote("file:///tmp/x")
 
 
 def test_cleanup_touches_only_the_jobs_own_shard_range(mem_url):
-    fs, root = storage.filesystem(mem_url)
+    fs, root = filesystem(mem_url)
     for name in ("000000.tar.abc.tmp", "000001.tar", "000005.tar.def.tmp", "000005.tar", "dataset.json.x.tmp"):
         fs.pipe_file(f"{root}/{name}", b"partial")
-    removed = storage.remove_uncommitted(mem_url, (0, 2))  # a job with --shards 0:2
+    removed = UrlFolder(mem_url).remove_uncommitted((0, 2))  # a job with --shards 0:2
     assert sorted(removed) == [f"{mem_url}/000000.tar.abc.tmp", f"{mem_url}/000001.tar"]
-    removed = storage.remove_uncommitted(mem_url, None)  # a run over every shard
+    removed = UrlFolder(mem_url).remove_uncommitted(None)  # a run over every shard
     assert sorted(removed) == [f"{mem_url}/{n}" for n in ("000005.tar", "000005.tar.def.tmp", "dataset.json.x.tmp")]

@@ -6,6 +6,7 @@ an out-of-memory error above a batch size, or writes NaN into chosen rows).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -18,11 +19,16 @@ from torch import nn
 
 from synthgen.config import GenerateConfig, parse_buckets
 from synthgen.errors import UsageError
-from synthgen.pipeline import generate_batch, load_engine, restore_batch_sizes, run_generate, run_shards
+from synthgen.render import render_batch
+from synthgen.pipeline import run_generate
+from synthgen.runstate import finalize_run, run_folder
+from synthgen.runtime import load_runtime
+from synthgen.shard_job import restore_batch_sizes, run_shards
 from synthgen.scheduler import (
     AdaptiveBatch, default_buckets, is_out_of_memory, pad_rows, padded_size, retry_dtype, run_chunked,
 )
-from synthgen.shards import resolve_image_encoder, shard_path, stats_path
+from synthgen.encode import resolve_image_encoder
+from synthgen.shards import shard_path, stats_path
 
 
 def shard_bytes(run_dir) -> dict[str, bytes]:
@@ -33,10 +39,18 @@ def stats(run_dir, k) -> dict:
     return json.loads(stats_path(run_dir, k).read_text())
 
 
-def run_with(engine, shards) -> list[dict]:
-    """Generate `shards` with an engine whose networks a test has wrapped."""
-    engine.cfg.out.mkdir(parents=True, exist_ok=True)
-    return list(run_shards(engine, shards))
+def run_with(rt, shards) -> list[dict]:
+    """Generate `shards` with a runtime whose networks a test has wrapped."""
+    folder = run_folder(rt.cfg)
+    folder.create()
+    return [s.to_dict() for s in run_shards(rt, folder, shards)]
+
+
+def wrap(rt, **modules) -> None:
+    """Put test doubles in place of the runtime's networks, in the pack too: the higher-precision retry
+    copies the pack's eager modules."""
+    rt.models = dataclasses.replace(rt.models, **modules)
+    rt.pack = dataclasses.replace(rt.pack, **modules)
 
 
 @pytest.fixture
@@ -160,23 +174,22 @@ class ScaleByOne(nn.Module):
 
 def test_padded_tails_never_leak_and_stage_sizes_change_nothing(gen_kwargs, reference, tmp_path):
     kw = {**gen_kwargs, "out": tmp_path / "staged", "decode_batch": 2, "filter_batch": 3, "batch_buckets": "4,8"}
-    engine = load_engine(GenerateConfig(**kw))
-    engine.pack.denoiser = Recording(engine.pack.denoiser)
-    engine.pack.vae = Recording(ScaleByOne())
-    engine.pack.encoder = Recording(engine.pack.encoder)
-    results = run_with(engine, [0, 1, 2])
+    rt = load_runtime(GenerateConfig(**kw))
+    wrap(rt, denoiser=Recording(rt.pack.denoiser), vae=Recording(ScaleByOne()),
+         encoder=Recording(rt.pack.encoder))
+    results = run_with(rt, [0, 1, 2])
     assert shard_bytes(kw["out"]) == reference  # padded rows dropped; chunk sizes never change an image
     assert [r["count"] for r in results] == [10, 10, 4] and all(r["unused"] == 0 for r in results)
-    assert set(engine.pack.denoiser.sizes) == {8, 4}  # shards of 10 run as 8 + (2 padded to 4); the last as 4
+    assert set(rt.pack.denoiser.sizes) == {8, 4}  # shards of 10 run as 8 + (2 padded to 4); the last as 4
     # Buckets above a stage's own size are never used (that size is what fits in memory).
-    assert max(engine.pack.vae.sizes) == 2 and max(engine.pack.encoder.sizes) == 3
+    assert max(rt.pack.vae.sizes) == 2 and max(rt.pack.encoder.sizes) == 3
 
 
 def test_padded_rows_do_not_change_scores(gen_kwargs):
-    engine = load_engine(GenerateConfig(**{**gen_kwargs, "batch_buckets": "16"}))
-    padded = generate_batch(engine, np.arange(5), keep_pixels=True)  # 5 rows run as a 16-row bucket
-    engine = load_engine(GenerateConfig(**gen_kwargs))
-    plain = generate_batch(engine, np.arange(5), keep_pixels=True)
+    rt = load_runtime(GenerateConfig(**{**gen_kwargs, "batch_buckets": "16"}))
+    padded = render_batch(rt, np.arange(5), keep_pixels=True)  # 5 rows run as a 16-row bucket
+    rt = load_runtime(GenerateConfig(**gen_kwargs))
+    plain = render_batch(rt, np.arange(5), keep_pixels=True)
     assert len(padded.scores) == len(padded.valid) == len(padded.images) == 5
     torch.testing.assert_close(padded.pixels, plain.pixels, atol=1e-5, rtol=0)
     np.testing.assert_allclose(padded.scores, plain.scores, atol=1e-5)
@@ -201,17 +214,15 @@ class OutOfMemoryAbove(nn.Module):
 def test_out_of_memory_halves_the_batch_and_the_run_completes_with_the_same_images(gen_kwargs, reference,
                                                                                       tmp_path, caplog):
     kw = {**gen_kwargs, "out": tmp_path / "oom"}
-    engine = load_engine(GenerateConfig(**kw))
-    engine.pack.denoiser = OutOfMemoryAbove(engine.pack.denoiser, limit=3)
+    rt = load_runtime(GenerateConfig(**kw))
+    wrap(rt, denoiser=OutOfMemoryAbove(rt.pack.denoiser, limit=3))
     with caplog.at_level(logging.WARNING, logger="synthgen.scheduler"):
-        results = run_with(engine, [0, 1, 2])
+        results = run_with(rt, [0, 1, 2])
     assert shard_bytes(kw["out"]) == reference
-    assert engine.batches["denoise"].size == 2 and results[0]["oom_backoffs"] == 2
+    assert rt.batches["denoise"].size == 2 and results[0]["oom_backoffs"] == 2
     assert sum(r["oom_backoffs"] for r in results) == 2  # remembered: later shards start at 2
     assert results[-1]["batch_sizes"]["denoise"] == 2
-    from synthgen.runfolder import finalize_run
-
-    assert finalize_run(engine.cfg, engine.bank.class_names)["totals"]["oom_backoffs"] == 2  # in dataset.json
+    assert finalize_run(run_folder(rt.cfg), rt.cfg, rt.bank.class_names)["totals"]["oom_backoffs"] == 2  # in dataset.json
     assert [r.getMessage() for r in caplog.records] == [
         "denoise: out of memory at batch 8, continuing at batch 4 for the rest of the run",
         "denoise: out of memory at batch 4, continuing at batch 2 for the rest of the run",
@@ -221,12 +232,12 @@ def test_out_of_memory_halves_the_batch_and_the_run_completes_with_the_same_imag
 def test_a_resumed_run_starts_at_the_size_an_earlier_process_backed_off_to(gen_kwargs, reference, tmp_path,
                                                                              caplog):
     kw = {**gen_kwargs, "out": tmp_path / "oom"}
-    first = load_engine(GenerateConfig(**kw))
-    first.pack.denoiser = OutOfMemoryAbove(first.pack.denoiser, limit=3)
+    first = load_runtime(GenerateConfig(**kw))
+    wrap(first, denoiser=OutOfMemoryAbove(first.pack.denoiser, limit=3))
     assert run_with(first, [0])[0]["batch_sizes"]["denoise"] == 2  # that process is gone; shard 0 stays
     # A new process on the same folder and device: no out-of-memory error needed to learn the size again.
-    second = load_engine(GenerateConfig(**kw))
-    second.pack.denoiser = OutOfMemoryAbove(second.pack.denoiser, limit=3)
+    second = load_runtime(GenerateConfig(**kw))
+    wrap(second, denoiser=OutOfMemoryAbove(second.pack.denoiser, limit=3))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="synthgen.scheduler"):
         rest = run_with(second, [1, 2])
@@ -238,11 +249,11 @@ def test_a_resumed_run_starts_at_the_size_an_earlier_process_backed_off_to(gen_k
     assert shard_bytes(kw["out"]) == reference
     # Another --batch (or another device) is a fresh start: the remembered size was learned for batch 8.
     # (Every shard is committed by now, so the restore a first shard would make is called directly.)
-    third = load_engine(GenerateConfig(**{**kw, "batch": 4}))
-    restore_batch_sizes(third)
+    third = load_runtime(GenerateConfig(**{**kw, "batch": 4}))
+    restore_batch_sizes(third, run_folder(third.cfg))
     assert third.restored and third.batches["denoise"].size == 4
-    fourth = load_engine(GenerateConfig(**kw))
-    restore_batch_sizes(fourth)
+    fourth = load_runtime(GenerateConfig(**kw))
+    restore_batch_sizes(fourth, run_folder(fourth.cfg))
     assert fourth.batches["denoise"].size == 2  # the same settings do take it over
 
 
@@ -264,33 +275,31 @@ class NaNRows(nn.Module):
         return out
 
 
-def _poisoned_engine(kw, every_precision):
-    engine = load_engine(GenerateConfig(**kw))
-    cut = float(np.quantile(engine.bank.embeddings[:, 0].float().numpy(), 0.8))  # ~20% of the samples
-    engine.pack.denoiser = NaNRows(engine.pack.denoiser, cut, every_precision)
-    return engine
+def _poisoned_runtime(kw, every_precision):
+    rt = load_runtime(GenerateConfig(**kw))
+    cut = float(np.quantile(rt.bank.embeddings[:, 0].float().numpy(), 0.8))  # ~20% of the samples
+    wrap(rt, denoiser=NaNRows(rt.pack.denoiser, cut, every_precision))
+    return rt
 
 
 def test_nan_rows_are_retried_in_float64_and_rescued(gen_kwargs):
-    engine = _poisoned_engine(gen_kwargs, every_precision=False)
-    batch = generate_batch(engine, np.arange(24))
+    rt = _poisoned_runtime(gen_kwargs, every_precision=False)
+    batch = render_batch(rt, np.arange(24))
     assert 0 < batch.retried.sum() < 24 and batch.valid.all() and np.isfinite(batch.scores).all()
-    assert engine.retry is not None and engine.retry.dtype == torch.float64
-    clean = generate_batch(load_engine(GenerateConfig(**gen_kwargs)), np.arange(24))
+    assert rt.retry is not None and rt.retry.dtype == torch.float64
+    clean = render_batch(load_runtime(GenerateConfig(**gen_kwargs)), np.arange(24))
     assert np.abs(batch.images.astype(int) - clean.images).max() <= 1  # the same images, in more precision
 
 
 def test_nan_rows_that_stay_nan_are_dropped_and_counted(gen_kwargs):
     kw = {**gen_kwargs, "min_score": -1.0, "max_oversample": 2}  # a filter that keeps every finite image
-    engine = _poisoned_engine(kw, every_precision=True)
-    results = run_with(engine, [0, 1, 2])
+    rt = _poisoned_runtime(kw, every_precision=True)
+    results = run_with(rt, [0, 1, 2])
     assert [r["count"] for r in results] == [10, 10, 4]
     assert sum(r["nonfinite"] for r in results) > 0
     for r in results:
         assert r["retried"] == r["nonfinite"] and r["candidates"] == r["count"] + r["rejected"] + r["surplus"]
-    from synthgen.runfolder import finalize_run
-
-    totals = finalize_run(engine.cfg, engine.bank.class_names)["totals"]
+    totals = finalize_run(run_folder(rt.cfg), rt.cfg, rt.bank.class_names)["totals"]
     assert totals["retried"] == totals["nonfinite"] == sum(r["nonfinite"] for r in results) > 0
     import webdataset as wds
 
@@ -303,12 +312,12 @@ def test_nan_rows_that_stay_nan_are_dropped_and_counted(gen_kwargs):
 
 
 def test_overlap_auto_is_inline_on_cpu_and_a_device_thread_when_asked(gen_kwargs):
-    from synthgen.pipeline import CandidateStream, InlineStream, open_stream
+    from synthgen.overlap import CandidateStream, InlineStream, open_stream
 
     for overlap, kind in (("auto", None), ("inline", InlineStream), ("thread", CandidateStream)):
-        engine = load_engine(GenerateConfig(**gen_kwargs, overlap=overlap))
-        kind = kind or (CandidateStream if engine.device.type == "cuda" else InlineStream)
-        stream = open_stream(engine, 0, 10)
+        rt = load_runtime(GenerateConfig(**gen_kwargs, overlap=overlap))
+        kind = kind or (CandidateStream if rt.device.type == "cuda" else InlineStream)
+        stream = open_stream(rt, 0, 10)
         try:
             assert isinstance(stream, kind), overlap
             stream.want(10)
@@ -316,7 +325,7 @@ def test_overlap_auto_is_inline_on_cpu_and_a_device_thread_when_asked(gen_kwargs
         finally:
             stream.close()
     with pytest.raises(RuntimeError, match="past the wanted candidates"):
-        InlineStream(engine, 0, 10).next()
+        InlineStream(rt, 0, 10).next()
 
 
 def test_device_thread_and_inline_write_the_same_bytes(gen_kwargs, tmp_path):
@@ -332,9 +341,9 @@ def test_device_thread_and_inline_write_the_same_bytes(gen_kwargs, tmp_path):
 
 @pytest.mark.parametrize("overlap", ["inline", "thread"])
 def test_an_encoder_failure_fails_the_run_loudly(gen_kwargs, monkeypatch, overlap):
-    import synthgen.pipeline as pipeline
+    import synthgen.encode as encode
 
-    real, calls = pipeline.encode_image, []
+    real, calls = encode.encode_image, []
 
     def flaky(*args):
         calls.append(1)
@@ -342,7 +351,7 @@ def test_an_encoder_failure_fails_the_run_loudly(gen_kwargs, monkeypatch, overla
             raise OSError("encoder worker died")
         return real(*args)
 
-    monkeypatch.setattr(pipeline, "encode_image", flaky)
+    monkeypatch.setattr(encode, "encode_image", flaky)
     with pytest.raises(OSError, match="encoder worker died"):
         run_generate(GenerateConfig(**gen_kwargs, overlap=overlap))
     run_dir = gen_kwargs["out"]
@@ -356,10 +365,10 @@ def test_a_device_failure_fails_the_run_loudly(gen_kwargs, tmp_path, overlap):
         def forward(self, x, t, cond):
             raise ValueError("bad kernel")
 
-    engine = load_engine(GenerateConfig(**{**gen_kwargs, "out": tmp_path / "broken", "overlap": overlap}))
-    engine.pack.denoiser = Broken()
+    rt = load_runtime(GenerateConfig(**{**gen_kwargs, "out": tmp_path / "broken", "overlap": overlap}))
+    wrap(rt, denoiser=Broken())
     with pytest.raises(ValueError, match="bad kernel"):
-        run_with(engine, [0])
+        run_with(rt, [0])
     assert not list((tmp_path / "broken").glob("*.tmp")) and not shard_path(tmp_path / "broken", 0).exists()
 
 
@@ -390,7 +399,7 @@ def test_a_signal_inside_a_commit_is_raised_after_it():
     """SIGTERM between a shard's rename and its stats file would leave a tar without its done marker."""
     import signal as signal_module
 
-    from synthgen.pipeline import Interrupted, signals_deferred, stop_on_signals
+    from synthgen.signals import Interrupted, signals_deferred, stop_on_signals
 
     steps = []
     with stop_on_signals():

@@ -1,4 +1,4 @@
-"""Contracts of the shard writer and the run folder's file protocol (DESIGN.md, "Contracts")."""
+"""Contracts of the shard writer and the run folder's file protocol."""
 
 from __future__ import annotations
 
@@ -14,19 +14,10 @@ from PIL import Image
 
 from synthgen import shards
 from synthgen.errors import UsageError
-from synthgen.shards import (
-    SampleRecord,
-    ShardWriter,
-    completed_shards,
-    encode_image,
-    read_stats,
-    remove_stray_tmp,
-    sample_key,
-    shard_path,
-    stats_path,
-    write_json_atomic,
-    write_stats,
-)
+from synthgen.encode import encode_image
+from synthgen.localfolder import LocalFolder
+from synthgen.shards import SampleRecord, ShardWriter, sample_key, shard_path, stats_path, write_stats
+from synthgen.stats import ShardStats, json_bytes, parse_stats
 
 
 def _pixels(seed: int, size: int = 8) -> np.ndarray:
@@ -248,41 +239,54 @@ def test_disk_full_writing_stats_is_a_usage_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shards.os, "fsync", fsync)
     with pytest.raises(UsageError, match="disk full while writing shard 3"):
-        write_stats(tmp_path, 3, {"count": 1})
+        write_stats(tmp_path, ShardStats(shard=3, target=1, count=1))
     assert list(tmp_path.iterdir()) == []
 
 
 # --- stats files and resume -------------------------------------------------------------------------------
 
 
-def test_write_json_atomic_and_stats(tmp_path):
-    write_json_atomic(tmp_path / "x.json", {"b": 1, "a": [1, 2]})
-    assert (tmp_path / "x.json").read_text() == '{\n "a": [\n  1,\n  2\n ],\n "b": 1\n}\n'
-    assert read_stats(tmp_path, 0) is None
-    write_stats(tmp_path, 0, {"count": 3, "sha256": "ab"})
-    assert read_stats(tmp_path, 0) == {"count": 3, "sha256": "ab"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.stats.json", "x.json"]
+def test_stats_files_round_trip_and_keep_their_layout(tmp_path):
+    assert json_bytes({"b": 1, "a": [1, 2]}) == b'{\n "a": [\n  1,\n  2\n ],\n "b": 1\n}\n'
+    stats = ShardStats(shard=0, target=3, count=3, sha256="ab", per_class={"1": 3})
+    write_stats(tmp_path, stats)
+    assert parse_stats(stats_path(tmp_path, 0).read_bytes()) == stats
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.stats.json"]
+    # Older files lack later keys and newer ones carry unknown keys: both read back.
+    assert parse_stats(b'{"shard": 4, "target": 2, "future": 1}') == ShardStats(shard=4, target=2)
+    for damaged in (None, b"{", b"[1]", b'{"shard": "0"}', b"\xff"):
+        assert parse_stats(damaged) is None
 
 
-def test_completed_shards_needs_stats_and_tar(tmp_path):
-    for k in (0, 1, 2):
-        _write(tmp_path, k, _records(k, 1))
-    write_stats(tmp_path, 0, {"count": 1})
-    write_stats(tmp_path, 2, {"count": 1})
-    write_stats(tmp_path, 7, {"count": 1})  # stats without a tar: not done
-    assert completed_shards(tmp_path) == {0, 2}
-    assert completed_shards(tmp_path / "missing") == set()
+def _commit(run_dir, shard: int, size_delta: int = 0) -> None:
+    info = _write(run_dir, shard, _records(shard, 1))
+    write_stats(run_dir, ShardStats(shard=shard, target=1, count=1, sha256=info["sha256"],
+                                    bytes=info["bytes"] + size_delta))
 
 
-def test_remove_stray_tmp(tmp_path):
-    for k in (0, 1):
-        _write(tmp_path, k, _records(k, 1))
-    write_stats(tmp_path, 0, {"count": 1})
+def test_the_commit_rule_needs_stats_naming_the_shard_and_a_tar_of_the_recorded_size(tmp_path):
+    for k in (0, 2):
+        _commit(tmp_path, k)
+    _commit(tmp_path, 1, size_delta=512)  # the tar is not the one the stats describe
+    _write(tmp_path, 3, _records(3, 1))  # a tar without stats
+    write_stats(tmp_path, ShardStats(shard=7, target=1))  # stats without a tar
+    (tmp_path / "000005.stats.json").write_bytes(stats_path(tmp_path, 0).read_bytes())  # names shard 0
+    folder = LocalFolder(tmp_path)
+    assert sorted(folder.committed()) == [0, 2]
+    assert [k for k in range(8) if folder.is_committed(k)] == [0, 2]
+    assert LocalFolder(tmp_path / "missing").committed() == {}
+
+
+def test_remove_uncommitted_keeps_committed_shards_and_foreign_files(tmp_path):
+    _commit(tmp_path, 0)
+    _write(tmp_path, 1, _records(1, 1))
     (tmp_path / "000003.tar.tmp").write_bytes(b"partial")
     (tmp_path / "dataset.json.123.tmp").write_text("{")
     (tmp_path / "dataset.json").write_text("{}")
-    removed = remove_stray_tmp(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    removed = LocalFolder(tmp_path).remove_uncommitted()
     assert sorted(p.name for p in removed) == ["000001.tar", "000003.tar.tmp", "dataset.json.123.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.stats.json", "000000.tar", "dataset.json"]
-    assert remove_stray_tmp(tmp_path) == []
-    assert completed_shards(tmp_path) == {0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.stats.json", "000000.tar", "dataset.json",
+                                                          "notes.txt"]
+    assert LocalFolder(tmp_path).remove_uncommitted() == []
+    assert sorted(LocalFolder(tmp_path).committed()) == [0]

@@ -35,7 +35,7 @@ def quick_pack(tmp_path_factory):
 def test_pack_built_from_scratch_generates(quick_pack, tmp_path):
     log = json.loads((quick_pack / "training.json").read_text())
     assert {"encoder", "denoiser", "report"} <= set(log)
-    cfg = GenerateConfig(n=12, out=tmp_path / "run", pack=quick_pack, steps=3, cfg=2.0, shard_size=6,
+    cfg = GenerateConfig(n=12, out=tmp_path / "run", pack=quick_pack, steps=3, guidance=2.0, shard_size=6,
                          progress=False)
     assert run_generate(cfg).complete and verify_run(cfg.out).ok
     data = load_shards(str(cfg.out), 16)

@@ -12,17 +12,15 @@ from PIL import Image
 
 from synthgen.errors import UsageError
 from synthgen.preview import CAPTION_HEIGHT, make_preview
-from synthgen.shards import (
-    SampleRecord,
-    ShardWriter,
-    encode_image,
-    sample_key,
-    shard_path,
-    stats_path,
-    write_json_atomic,
-    write_stats,
-)
+from synthgen.encode import encode_image
+from synthgen.shards import SampleRecord, ShardWriter, sample_key, shard_path, stats_path, write_bytes_atomic
+from synthgen.stats import json_bytes
 from synthgen.verify import verify_run
+
+
+def put_stats(run_dir, shard: int, stats: dict) -> None:
+    """A stats file as given, consistent or not (verify must judge what it finds)."""
+    write_bytes_atomic(stats_path(run_dir, shard), json_bytes(stats))
 
 CLASS_NAMES = ["cat", "dog", "eel"]
 SIZE = 8
@@ -60,7 +58,7 @@ def build_run(run_dir: Path, counts=(4, 4, 3), fmt: str = "png", size: int = SIZ
             info = w.commit()
         stats = {"shard": shard, "target": n, "candidates": n, "rejected": 0, **info}
         stats["per_class"] = {str(k): v for k, v in sorted(shard_counts.items())}
-        write_stats(run_dir, shard, stats)
+        put_stats(run_dir, shard, stats)
         shards[str(shard)] = {"count": info["count"], "sha256": info["sha256"]}
         per_class += shard_counts
     dataset = {
@@ -73,7 +71,7 @@ def build_run(run_dir: Path, counts=(4, 4, 3), fmt: str = "png", size: int = SIZ
         "totals": {"samples": sum(counts)},
         "complete": True,
     }
-    write_json_atomic(run_dir / "dataset.json", dataset)
+    write_bytes_atomic(run_dir / "dataset.json", json_bytes(dataset))
     return run_dir
 
 
@@ -200,7 +198,7 @@ def test_per_class_count_mismatch(run):
 def test_stats_count_mismatch(run):
     stats = json.loads(stats_path(run, 0).read_text())
     stats["count"] = 5
-    write_stats(run, 0, stats)
+    put_stats(run, 0, stats)
     _only(verify_run(run), "000000.tar: holds 4 samples, stats count is 5", "dataset.json count 4 != stats 5")
 
 
@@ -227,7 +225,7 @@ def test_wrong_format_and_size(tmp_path):
 def test_stats_per_class_mismatch(run):
     stats = json.loads(stats_path(run, 2).read_text())
     stats["per_class"] = {"0": 3}
-    write_stats(run, 2, stats)
+    put_stats(run, 2, stats)
     _only(verify_run(run), "000002.tar: per-class counts {'0': 1, '1': 1, '2': 1} != stats per_class {'0': 3}")
 
 
