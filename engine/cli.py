@@ -23,9 +23,11 @@ app = typer.Typer(
     "  synthgen verify runs/demo",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Help text is plain text: in rich markup, "pip install 'synthgen[ray]'" would lose its "[ray]".
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-pack_app = typer.Typer(help="Create and inspect model packs.", no_args_is_help=True)
+pack_app = typer.Typer(help="Create and inspect model packs.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(pack_app, name="pack")
 
 D = GenerateConfig.__dataclass_fields__  # CLI defaults forward to the dataclass (one source of defaults)
@@ -172,7 +174,8 @@ def embed(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 encoder precision."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
-    decoder: str = typer.Option("auto", help="auto | dali | pil: image decoder (auto = DALI when installed)."),
+    decoder: str = typer.Option("auto", help="auto | dali | pil: image decoder (auto = DALI when installed: "
+                                "pip install 'synthgen[dali]')."),
     reps: Optional[Path] = typer.Option(None, help="Representations already extracted, one .npy per image "
                                         "(REPS/<class>/<name>.npy for IMAGES/<class>/<name>.jpg): the bank is built "
                                         "from them instead of running the encoder."),
@@ -566,7 +569,8 @@ def bench(
 
 # ---- train / eval -------------------------------------------------------------------------------------
 
-train_app = typer.Typer(help="Train encoders, denoisers and classifiers inside synthgen.", no_args_is_help=True)
+train_app = typer.Typer(help="Train encoders, denoisers and classifiers inside synthgen.", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(train_app, name="train")
 
 
@@ -648,15 +652,23 @@ def train_classifier_cmd(
     steps: int = typer.Option(600, min=1, help="Optimisation steps (a fixed budget across data set sizes)."),
     aug: str = typer.Option("standard", help="none | standard (classical augmentation)."),
     seed: int = typer.Option(0, min=0),
+    loader: str = typer.Option("webdataset", help="How shards are read: webdataset | wids (the run folder's "
+                               "wids-index.json; pip install 'synthgen[readers]') | dali (NVIDIA DALI with the NNNNNN.idx indexes; "
+                               "pip install 'synthgen[dali]'). All three read "
+                               "the same samples in the same order."),
 ):
-    """Train a classifier from WebDataset shards (read with the webdataset loader) and/or real images.
+    """Train a classifier from WebDataset shards and/or real images.
 
-    Example: synthgen train classifier --train runs/digits --val builtin:digits:test --out clf/synth
+    Examples:
+
+      synthgen train classifier --train runs/digits --val builtin:digits:test --out clf/synth
+
+      synthgen train classifier --train runs/digits --loader dali --val builtin:digits:test --out clf/synth
     """
     from synthgen.train.classifier import ClassifierConfig, evaluate, save_classifier, train_classifier
 
     config = ClassifierConfig(arch=arch, width=width, input_size=input_size, steps=steps, aug=aug, seed=seed)
-    data = load_training_sets(train, input_size)
+    data = load_training_sets(train, input_size, loader)
     val_set = _load_real(val, input_size) if val else None
     model, history = train_classifier(data, config, val=val_set)
     save_classifier(model, config, data.class_names, out, history)
@@ -676,11 +688,12 @@ def eval_cmd(
     _print_eval(evaluate(net, _load_real(images, config.input_size), config.input_size))
 
 
-def load_training_sets(specs: list[str], size: int):
+def load_training_sets(specs: list[str], size: int, loader: str = "webdataset"):
     """Real sources (builtin:..., class folders) and shard sets, concatenated into one ImageSet."""
     from synthgen.train.data import load_shards
 
-    return concat_sets([_load_real(s, size) if s.startswith("builtin:") else load_shards(s, size) for s in specs])
+    return concat_sets([_load_real(s, size) if s.startswith("builtin:") else load_shards(s, size, loader=loader)
+                        for s in specs])
 
 
 def concat_sets(sets: list):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from synthgen import locks
 from synthgen.errors import UsageError
-from synthgen.runfolder import SHARD_TMP_RE, RunFolder, shard_files
+from synthgen.runfolder import SHARD_TMP_RE, RunFolder, owned_files
 from synthgen.shards import write_bytes_atomic
 
 RUN_LOCK = ".run.lock"
@@ -125,4 +125,4 @@ class LocalFolder(RunFolder):
             )
         # Lock files stay: held_shards already removed the stale ones, and deleting a held one would let a
         # second writer in.
-        self.delete(list(shard_files(self.files())))
+        self.delete(list(owned_files(self.files())))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from synthgen.bank import check_bank_fits_pack, load_bank
+from synthgen.card import write_card
 from synthgen.condition import check_guidance
 from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
@@ -153,7 +154,7 @@ def run_generate(cfg: GenerateConfig) -> RunSummary:
             results, t0 = _execute(cfg, folder, executor, todo, class_names)
         finally:
             executor.close()
-        doc = finalize_run(folder, cfg, class_names)
+        doc = _finish(folder, cfg, class_names)
     start, stop = cfg.shards or (0, cfg.num_shards)
     return RunSummary(
         run_dir=cfg.out,
@@ -170,6 +171,13 @@ def run_generate(cfg: GenerateConfig) -> RunSummary:
         removed_tmp=removed,
         complete=doc["complete"],
     )
+
+
+def _finish(folder: RunFolder, cfg: GenerateConfig, class_names: list[str]) -> dict:
+    """dataset.json and the wids index from the committed stats, then the dataset card, last."""
+    doc = finalize_run(folder, cfg, class_names)
+    write_card(folder, doc, read_pack_config(cfg.pack))
+    return doc
 
 
 def _execute(cfg: GenerateConfig, folder: RunFolder, executor, todo: list[int],
@@ -193,7 +201,7 @@ def _execute(cfg: GenerateConfig, folder: RunFolder, executor, todo: list[int],
             results.append(stats)
     except Interrupted as exc:
         exc.committed = len(results)
-        finalize_run(folder, cfg, class_names)
+        _finish(folder, cfg, class_names)
         raise
     finally:
         bar.close()

@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from synthgen.errors import UsageError
+from synthgen.indexes import WIDS_INDEX
 from synthgen.shards import stats_name, tar_name
 from synthgen.stats import ShardStats, parse_stats
 
 DATASET_JSON = "dataset.json"
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # two letters at least: "C://" is a Windows drive
-SHARD_NAME_RE = re.compile(r"^(\d{6})\.(tar|stats\.json)$")
+SHARD_NAME_RE = re.compile(r"^(\d{6})\.(tar|idx|stats\.json)$")
+# Written at run end from the committed shards (runstate.py, card.py): rebuilt by every run.
+CARD, PREVIEW = "README.md", "preview.png"  # card.py
+RUN_FILES = (DATASET_JSON, WIDS_INDEX, CARD, PREVIEW)
 SHARD_TMP_RE = re.compile(r"^(\d{6})\..*\.tmp$")
 ALL_SHARDS = (0, 2**63)
 
@@ -164,8 +168,8 @@ class RunFolder:
 
     def uncommitted_shard_files(self, listing: dict[str, int], shard_range: tuple[int, int] | None,
                                 ) -> dict[int, list[str]]:
-        """shard -> its files that no commit covers: temporaries, and a tar (with its stats file, when
-        damaged) of a shard that is not committed."""
+        """shard -> its files that no commit covers: temporaries, and the tar and DALI index of a shard that
+        is not committed."""
         start, stop = shard_range or ALL_SHARDS
         done = self.committed(shard_range, listing)
         stray: dict[int, list[str]] = {}
@@ -174,11 +178,11 @@ class RunFolder:
             if m is None or not start <= int(m.group(1)) < stop:
                 continue
             shard = int(m.group(1))
-            if name.endswith(".tmp") or (name.endswith(".tar") and shard not in done):
+            if name.endswith(".tmp") or (name.endswith((".tar", ".idx")) and shard not in done):
                 stray.setdefault(shard, []).append(name)
         return stray
 
 
-def shard_files(names) -> Iterator[str]:
-    """The names synthgen owns among `names`: shards, stats files, temporaries, dataset.json."""
-    return (n for n in names if SHARD_NAME_RE.match(n) or n.endswith(".tmp") or n == DATASET_JSON)
+def owned_files(names) -> Iterator[str]:
+    """The names synthgen owns among `names`: shards, their indexes and stats, temporaries, the run files."""
+    return (n for n in names if SHARD_NAME_RE.match(n) or n.endswith(".tmp") or n in RUN_FILES)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
+from synthgen.indexes import WIDS_INDEX, dali_index, tar_members, wids_index
 from synthgen.runfolder import DATASET_JSON, RunFolder, is_remote, normalize_out
+from synthgen.shards import index_name, tar_name
 from synthgen.stats import RunDoc, json_bytes
 
 
@@ -104,19 +106,43 @@ def prepare_run(folder: RunFolder, cfg: GenerateConfig, identity: dict, header: 
 
 
 def finalize_run(folder: RunFolder, cfg: GenerateConfig, class_names: list[str]) -> dict:
-    """Aggregate every committed shard's stats into dataset.json; returns the updated document.
+    """Aggregate every committed shard's stats into dataset.json and index the committed shards for wids;
+    returns the updated document.
 
     Under the folder lock, so of two processes finishing together the later one reads every shard the
-    earlier one committed, and the last dataset.json written is complete when the run is. A URL folder
-    has no lock: each run aggregates what is committed when it ends (urlfolder.py).
+    earlier one committed, and the last files written are complete when the run is. A URL folder has no
+    lock: each run aggregates what is committed when it ends (urlfolder.py).
     """
     with folder.folder_lock():
+        listing = folder.files()
+        committed = folder.committed((0, cfg.num_shards), listing)
+        _write_missing_indexes(folder, [k for k, s in committed.items() if s.count and index_name(k) not in listing])
         doc = RunDoc.from_dict(read_dataset_json(folder) or {"identity": {}})
         doc.class_names = class_names
-        doc.aggregate(folder.committed((0, cfg.num_shards)), cfg.num_shards, cfg.n)
+        doc.aggregate(committed, cfg.num_shards, cfg.n)
         out = doc.to_dict()
         folder.write(DATASET_JSON, json_bytes(out))
+        # Shards that hold no sample (a filter that accepted nothing) are left out: readers have nothing to open.
+        shards = [(tar_name(k), s.count, s.bytes) for k, s in sorted(committed.items()) if s.count]
+        if shards:
+            folder.write(WIDS_INDEX, json_bytes(wids_index(shards, _run_name(folder))))
+        else:
+            folder.delete([WIDS_INDEX])
     return out
+
+
+def _run_name(folder: RunFolder) -> str:
+    return str(folder.location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _write_missing_indexes(folder: RunFolder, shards: list[int]) -> None:
+    """DALI indexes for committed shards that have none (written by a synthgen before indexes): read from
+    each tar's headers."""
+    if not shards:
+        return
+    with folder.local_copies() as local:
+        for shard in shards:
+            folder.write(index_name(shard), dali_index(tar_members(local(tar_name(shard)))))
 
 
 def remembered_batch_sizes(folder: RunFolder, cfg: GenerateConfig, device: str) -> dict[str, int]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from synthgen.errors import UsageError
+from synthgen.indexes import dali_index
 from synthgen.stats import ShardStats
 
 MAX_SHARD_SIZE = 100_000  # samples per shard: the key has five digits for the index
@@ -54,6 +55,11 @@ def tar_name(shard: int) -> str:
 
 def stats_name(shard: int) -> str:
     return f"{shard:06d}.stats.json"
+
+
+def index_name(shard: int) -> str:
+    """The shard's DALI index (indexes.py)."""
+    return f"{shard:06d}.idx"
 
 
 def shard_path(run_dir: Path, shard: int) -> Path:
@@ -166,7 +172,8 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
 
 
 class ShardWriter:
-    """Writes NNNNNN.tar.tmp, then commit(): flush, fsync, rename to NNNNNN.tar, fsync the directory.
+    """Writes NNNNNN.tar.tmp, then commit(): flush, fsync, rename to NNNNNN.tar, write its DALI index
+    NNNNNN.idx the same way, fsync the directory.
 
     abort() (and __exit__ on an exception) removes the temporary file. Members of one sample are
     adjacent, in order: image, .cls (ASCII int), .json, [.npy]. Tar headers are deterministic
@@ -183,6 +190,7 @@ class ShardWriter:
         self.path = shard_path(self.run_dir, shard)
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self.count = 0
+        self._members: list[tuple[str, int, int]] = []  # (name, data offset, size): the DALI index
         self._keys: set[str] = set()
         self._done = False
         self._guarded(self._open)
@@ -231,10 +239,13 @@ class ShardWriter:
 
     def _write_members(self, members: list[tuple[str, bytes]]) -> None:
         for name, payload in members:
+            # A USTAR header is one 512-byte block (names are short and dot-keyed), then the data.
+            self._members.append((name, self._out.nbytes + tarfile.BLOCKSIZE, len(payload)))
             self._tar.addfile(_tar_info(name, len(payload)), io.BytesIO(payload))
 
     def commit(self) -> dict:
-        """Finish the tar and make it durable under its final name; returns sha256, bytes, count."""
+        """Finish the tar and its index and make them durable under their final names; returns sha256,
+        bytes, count."""
         if self._done:
             raise RuntimeError(f"shard {self.shard} writer is already committed or aborted")
         self._guarded(self._finish)
@@ -247,6 +258,8 @@ class ShardWriter:
         os.fsync(self._raw.fileno())
         self._raw.close()
         os.replace(self.tmp_path, self.path)
+        if self._members:  # an empty shard has no samples to index
+            write_bytes_atomic(self.run_dir / index_name(self.shard), dali_index(self._members))
         _fsync_dir(self.run_dir)
 
     def abort(self) -> None:

@@ -27,8 +27,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from synthgen.runfolder import SHARD_NAME_RE, SHARD_TMP_RE, RunFolder, check_backend, shard_files
-from synthgen.shards import stats_name, tar_name
+from synthgen.runfolder import SHARD_NAME_RE, SHARD_TMP_RE, RunFolder, check_backend, owned_files
+from synthgen.shards import index_name, stats_name, tar_name
 
 # Protocols whose single-object PUT is atomic: readers see the old object or the new one, never a part.
 ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory"})
@@ -145,13 +145,15 @@ class UrlFolder(RunFolder):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def publish(self, staged: Path, shard: int) -> bool:
-        """Upload the staged shard: the tar, then its stats object last (the done marker)."""
+        """Upload the staged shard: the tar, its DALI index, then its stats object last (the done marker)."""
         if self.is_committed(shard):
             return False
         # A stats object left beside a tar of another size no longer holds: drop it before replacing the tar,
         # so no reader ever pairs an old marker with a new tar.
         self.delete([stats_name(shard)])
         self._upload(staged / tar_name(shard), tar_name(shard))
+        if (staged / index_name(shard)).is_file():
+            self._upload(staged / index_name(shard), index_name(shard))
         self._upload(staged / stats_name(shard), stats_name(shard))
         return True
 
@@ -168,4 +170,4 @@ class UrlFolder(RunFolder):
         return self.delete(sorted(stray))
 
     def clear(self) -> None:
-        self.delete(list(shard_files(self.files())))
+        self.delete(list(owned_files(self.files())))

@@ -24,9 +24,10 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from synthgen.indexes import WIDS_INDEX, WIDS_KIND, dali_index, parse_dali_index, tar_members
 from synthgen.runfolder import DATASET_JSON, RunFolder
 from synthgen.runstate import open_run_folder
-from synthgen.shards import IMAGE_EXTS, MAX_SHARD_SIZE, sample_key, stats_name, tar_name
+from synthgen.shards import IMAGE_EXTS, MAX_SHARD_SIZE, index_name, sample_key, stats_name, tar_name
 from synthgen.stats import RUN_FORMAT
 REQUIRED_META = ("sample_id", "seed", "label", "class_name", "score")
 MAX_PROBLEMS_PER_SHARD = 20  # a garbage shard would otherwise bury the report in per-sample lines
@@ -93,12 +94,15 @@ def _verify_shards(folder: RunFolder, dataset: dict, report: VerifyReport, decod
         entry = (dataset.get("shards") or {}).get(str(shard))
         entry = entry if isinstance(entry, dict) else None
         problems, labels, count = _check_shard(local, shard, stats, entry, info, decode_images)
+        if count:  # an empty shard has no index: there is nothing to read
+            problems += _index_problems(local, shard, index_name(shard) in names)
         report.problems += _capped(shard, problems)
         report.shards_checked += 1
         report.samples += count
         per_class += _recorded_per_class(stats, labels)
         recorded_samples += stats["count"] if isinstance(stats.get("count"), int) else count
     report.problems += _totals_problems(dataset, info, per_class, recorded_samples)
+    report.problems += _wids_problems(folder, dataset)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,6 +254,53 @@ def _check_shard(
         problems.append(f"{name}: holds {index} samples, stats count is {stats.get('count')}")
     problems += _per_class_problems(name, stats, labels)
     return problems, labels, index
+
+
+def _index_problems(local, shard: int, present: bool) -> list[str]:
+    """The shard's DALI index against its tar: every entry inside the tar, and equal to the index the tar's
+    own headers give."""
+    name, tar = index_name(shard), tar_name(shard)
+    if not present:
+        return [f"{name}: missing (DALI would scan {tar}); rerun the same generate command to write it"]
+    try:
+        samples = parse_dali_index(local(name).read_bytes())
+    except (OSError, ValueError) as exc:
+        return [f"{name}: unreadable ({exc})"]
+    size = local(tar).stat().st_size
+    past = [s[0][3].split(".")[0] for s in samples if any(offset + length > size for _, offset, length, _ in s)]
+    if past:
+        return [f"{name}: {len(past)} sample(s) from key {past[0]} on point past the end of {tar} ({size} bytes): "
+                "the tar is truncated"]
+    try:
+        expected = dali_index(tar_members(local(tar)))
+    except (*_READ_ERRORS, ValueError) as exc:
+        return [f"{name}: cannot be checked, {tar} is unreadable ({exc})"]
+    if local(name).read_bytes() != expected:
+        return [f"{name}: does not match the members of {tar} (written for another tar?)"]
+    return []
+
+
+def _wids_problems(folder: RunFolder, dataset: dict) -> list[str]:
+    """wids-index.json lists exactly the shards dataset.json does, with their sample counts."""
+    shards = dataset.get("shards") or {}
+    if not any((v or {}).get("count") for v in shards.values()):
+        return []
+    raw = folder.read(WIDS_INDEX)
+    if raw is None:
+        return [f"{WIDS_INDEX}: missing (wids cannot open the folder); rerun the same generate command"]
+    try:
+        doc = json.loads(raw)
+        listed = [(s["url"], s["nsamples"]) for s in doc["shardlist"]]
+        kind = doc.get("__kind__")
+    except (ValueError, KeyError, TypeError) as exc:
+        return [f"{WIDS_INDEX}: unreadable ({exc})"]
+    expected = [(tar_name(int(k)), (shards[k] or {}).get("count")) for k in sorted(shards, key=int)
+                if (shards[k] or {}).get("count")]
+    out = [] if kind == WIDS_KIND else [f"{WIDS_INDEX}: __kind__ is {kind!r}, expected {WIDS_KIND!r}"]
+    if listed != expected:
+        out.append(f"{WIDS_INDEX}: lists {len(listed)} shard(s) {listed[:3]}..., dataset.json has "
+                   f"{len(expected)} {expected[:3]}...")
+    return out
 
 
 def _reason(exc: BaseException) -> str:

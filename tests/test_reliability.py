@@ -416,4 +416,5 @@ def test_odd_out_names_work_and_stay_put(gen_kwargs, tmp_path, name):
     summary = run_generate(GenerateConfig(**{**gen_kwargs, "n": 4, "out": run_dir}))
     assert summary.complete and verify_run(run_dir).ok
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name])
-    assert {p.name for p in run_dir.iterdir()} <= {"000000.tar", "000000.stats.json", "dataset.json", ".run.lock"}
+    assert {p.name for p in run_dir.iterdir()} <= {"000000.tar", "000000.idx", "000000.stats.json", "dataset.json",
+                                                   "wids-index.json", "README.md", "preview.png", ".run.lock"}

@@ -71,7 +71,8 @@ def test_generate_into_memory_url_reads_back_and_verifies(gen_kwargs, mem_url, l
     assert dataset["complete"] and dataset["totals"]["samples"] == 24
     assert "out" not in dataset["identity"]  # where a run lives is not part of what it is
     assert sorted(UrlFolder(mem_url).files()) == sorted(
-        ["dataset.json"] + [f"{k:06d}.{ext}" for k in range(3) for ext in ("tar", "stats.json")])
+        ["dataset.json", "wids-index.json", "README.md", "preview.png"]
+        + [f"{k:06d}.{ext}" for k in range(3) for ext in ("tar", "idx", "stats.json")])
     assert list((tmp_path / "staging").iterdir()) == []  # staged shards are deleted once uploaded
     report = verify_run(mem_url)
     assert report.ok, report.problems

@@ -285,8 +285,8 @@ def test_remove_uncommitted_keeps_committed_shards_and_foreign_files(tmp_path):
     (tmp_path / "dataset.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
     removed = LocalFolder(tmp_path).remove_uncommitted()
-    assert sorted(p.name for p in removed) == ["000001.tar", "000003.tar.tmp", "dataset.json.123.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.stats.json", "000000.tar", "dataset.json",
-                                                          "notes.txt"]
+    assert sorted(p.name for p in removed) == ["000001.idx", "000001.tar", "000003.tar.tmp", "dataset.json.123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.idx", "000000.stats.json", "000000.tar",
+                                                          "dataset.json", "notes.txt"]
     assert LocalFolder(tmp_path).remove_uncommitted() == []
     assert sorted(LocalFolder(tmp_path).committed()) == [0]

@@ -13,6 +13,7 @@ from PIL import Image
 from synthgen.errors import UsageError
 from synthgen.preview import CAPTION_HEIGHT, make_preview
 from synthgen.encode import encode_image
+from synthgen.indexes import WIDS_INDEX, wids_index
 from synthgen.shards import SampleRecord, ShardWriter, sample_key, shard_path, stats_path, write_bytes_atomic
 from synthgen.stats import json_bytes
 from synthgen.verify import verify_run
@@ -72,6 +73,8 @@ def build_run(run_dir: Path, counts=(4, 4, 3), fmt: str = "png", size: int = SIZ
         "complete": True,
     }
     write_bytes_atomic(run_dir / "dataset.json", json_bytes(dataset))
+    wids = wids_index([(f"{k:06d}.tar", n, shard_path(run_dir, k).stat().st_size) for k, n in enumerate(counts)], "t")
+    write_bytes_atomic(run_dir / WIDS_INDEX, json_bytes(wids))
     return run_dir
 
 

@@ -1,7 +1,7 @@
-"""Image tensors for training: real sources (sources.open_source) and synthetic shards (webdataset).
+"""Image tensors for training: real sources (sources.open_source) and synthetic shards (readers.py).
 
 Small data sets (the bundled digits, a few thousand images) are held in memory as one uint8 tensor;
-shards are streamed through the `webdataset` loader.
+shards are read through webdataset, wids or DALI.
 """
 
 from __future__ import annotations
@@ -52,44 +52,33 @@ def load_images(spec: str, size: int) -> ImageSet:
     return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), source.class_names, keys)
 
 
-def load_shards(pattern: str, size: int, limit: int | None = None) -> ImageSet:
+def load_shards(source: str, size: int, limit: int | None = None, loader: str = "webdataset") -> ImageSet:
     """Samples of synthgen (or any WebDataset with .cls) shards, resized, held in memory.
 
-    `pattern` is a brace pattern, glob, single tar or a run folder (all its committed shards).
+    `source`: a run folder (its committed shards), a glob, a brace pattern or one tar; `loader`:
+    webdataset | wids | dali (readers.py), which all yield the same samples in the same order.
     """
-    import glob
     import json
     from pathlib import Path
 
-    import webdataset as wds
     from PIL import Image
 
-    path = Path(pattern)
+    from synthgen.readers import read_samples
+
     class_names = None
-    if path.is_dir():
-        urls = sorted(str(p) for p in path.glob("*.tar"))
-        doc = path / "dataset.json"
-        if doc.is_file():
-            class_names = json.loads(doc.read_text()).get("class_names")
-    elif "*" in pattern or "?" in pattern:
-        urls = sorted(glob.glob(pattern))
-    else:
-        urls = pattern
-    if not urls:
-        raise UsageError(f"no shards match {pattern!r}: pass a run folder, a glob or a brace pattern of .tar files")
+    doc = Path(source) / "dataset.json"
+    if doc.is_file():
+        class_names = json.loads(doc.read_text()).get("class_names")
     images, labels, keys = [], [], []
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        blob = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        if blob is None or "cls" not in sample:
-            continue
-        with Image.open(io.BytesIO(blob)) as im:
+    for sample in read_samples(source, loader):
+        with Image.open(io.BytesIO(sample.image)) as im:
             images.append(resize_uint8(np.asarray(im.convert("RGB")), size))
-        labels.append(int(sample["cls"]))
-        keys.append(sample["__key__"])
+        labels.append(sample.label)
+        keys.append(sample.key)
         if limit is not None and len(labels) >= limit:
             break
     if not images:
-        raise UsageError(f"the shards {pattern!r} hold no images with a .cls label")
+        raise UsageError(f"the shards {source!r} hold no images with a .cls label")
     num_classes = max(labels) + 1
     names = class_names or [str(i) for i in range(num_classes)]
     return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), names, keys)
