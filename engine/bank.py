@@ -72,6 +72,7 @@ def load_bank(root: str | Path) -> Bank:
         raise UsageError(f"the embedding bank {root} is inconsistent (shapes or key count); rebuild it")
     if n == 0:
         raise UsageError(f"the embedding bank {root} is empty: embed at least one readable image")
+    check_finite_rows(emb, meta["keys"], f"rows of the embedding bank {root}")
     labels = labels.numpy().astype(np.int64)
     names = meta["class_names"]
     if labels.min() < 0 or labels.max() >= len(names):
@@ -99,6 +100,19 @@ def to_float_chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float().div_(255.0)
 
 
+def check_finite_rows(embeddings: torch.Tensor, keys: list[str], what: str) -> None:
+    """A UsageError naming how many rows of (N, D) `embeddings` hold NaN/Inf, and their keys: such a row
+    would condition only rejected candidates and skew the class balance, one sample at a time."""
+    bad = torch.nonzero(~torch.isfinite(embeddings.float()).all(dim=1)).flatten().tolist()
+    if bad:
+        listed = ", ".join(repr(keys[i]) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise UsageError(
+            f"{len(bad)} of {len(keys)} {what} hold NaN or Inf values (keys {listed}); re-embed without those "
+            "images (or fix the encoder), e.g. 'synthgen embed ... --out NEW_BANK'. Values beyond +-65504 "
+            "overflow float16, the bank's storage type"
+        )
+
+
 def write_bank(
     out: str | Path, embeddings: torch.Tensor, labels: list[int], keys: list[str], class_names: list[str],
     encoder: str, source: str, extra: dict | None = None,
@@ -109,10 +123,12 @@ def write_bank(
     """
     from safetensors.torch import save_file
 
+    stored = embeddings.detach().half().contiguous()
+    check_finite_rows(stored, keys, "embeddings to write (as float16)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "embeddings.safetensors.tmp"
-    save_file({"embeddings": embeddings.detach().half().contiguous(),
+    save_file({"embeddings": stored,
                "labels": torch.tensor(labels, dtype=torch.int64)}, str(tmp))
     tmp.replace(out / "embeddings.safetensors")
     counts = Counter(labels)

@@ -33,6 +33,12 @@ app.add_typer(pack_app, name="pack")
 D = GenerateConfig.__dataclass_fields__  # CLI defaults forward to the dataclass (one source of defaults)
 
 
+# Exit codes scripts can rely on: 0 done, 1 verify found problems, 2 a usage error (nothing was changed
+# that matters), 3 finished but short (generate: a shard below its target; verify: intact but incomplete),
+# 130 / 143 interrupted by SIGINT / SIGTERM (resume with the same command).
+EXIT_PROBLEMS, EXIT_USAGE, EXIT_INCOMPLETE = 1, 2, 3
+
+
 def _default(name: str):
     return D[name].default
 
@@ -307,7 +313,8 @@ def generate(
     written last as its done marker. Rerunning the same command skips finished shards. A shard is
     claimed (NNNNNN.lock) before it is written, so several processes on one folder split the work:
     --executor ray runs the shards on Ray actors; --shards A:B restricts a job to a range (SLURM arrays).
-    Ctrl-C / SIGTERM abandons the open shard and exits 130 / 143; the same command resumes.
+    Ctrl-C / SIGTERM abandons the open shard and exits 130 / 143; the same command resumes. A run that ends
+    with a shard below its target (a filter that rejects too much) exits 3, naming the options that fix it.
 
     A URL --out (s3://, gs://, file://...) has no locks: each shard is written locally, its tar uploaded,
     then its stats file uploaded last. Run one process per disjoint --shards A:B range (never two writers
@@ -344,6 +351,10 @@ def generate(
         _say_interrupted(exc, out)
         raise typer.Exit(exc.exit_code)
     _say(summary.lines())
+    if not summary.range_complete:
+        typer.echo(f"exit {EXIT_INCOMPLETE}: {len(summary.short)} shard(s) of the asked range hold fewer images "
+                   "than their target; the fixes are in the warnings above", err=True)
+        raise typer.Exit(EXIT_INCOMPLETE)
 
 
 def _say_interrupted(exc, out: str) -> None:
@@ -364,21 +375,40 @@ def _say_interrupted(exc, out: str) -> None:
 def verify(
     run: str = typer.Argument(..., help="Run folder written by 'synthgen generate' (a path or a URL)."),
     no_decode: bool = typer.Option(False, "--no-decode", help="Skip decoding every image (faster)."),
+    repair: bool = typer.Option(False, "--repair", help="Regenerate the shards found damaged (byte-identical: "
+                                "every sample is seeded), with the run's recorded options, then verify again."),
 ):
     """Re-read every shard with the webdataset library and check it against dataset.json.
 
-    Checks counts, keys, labels, hashes, decodable images and stray temporary files; exits 1 on any mismatch.
+    Checks counts, keys, labels, hashes, indexes, decodable images and stray temporary files. Exits 0 when
+    the run is intact and complete, 1 on any problem (--repair names the fix), 3 when it is intact but
+    incomplete (rerun the same generate command).
     """
     from synthgen.verify import verify_run
 
-    report = verify_run(run, decode_images=not no_decode)
+    if repair:
+        from synthgen.repair import repair_run
+
+        before, summary, report = repair_run(run)
+        if summary is None:
+            typer.echo(f"nothing to repair in {run}")
+        else:
+            typer.echo(f"repaired {len(summary.shards_written)} damaged shard(s) {summary.shards_written[:10]}")
+    else:
+        report = verify_run(run, decode_images=not no_decode)
     if report.ok:
         typer.echo(f"OK: {report.samples} samples in {report.shards_checked} shards verified in {run}")
+        if not report.complete:
+            typer.echo(report.incomplete_line(), err=True)
+            raise typer.Exit(EXIT_INCOMPLETE)
         return
     typer.echo(f"FAILED: {len(report.problems)} problem(s) in {run}:", err=True)
     for p in report.problems[:50]:
         typer.echo(f"  {p}", err=True)
-    raise typer.Exit(1)
+    if report.damaged and not repair:
+        typer.echo(f"fix: 'synthgen verify {run} --repair' regenerates the {len(report.damaged)} damaged shard(s) "
+                   f"{sorted(report.damaged)[:10]}, byte-identical to the originals", err=True)
+    raise typer.Exit(EXIT_PROBLEMS)
 
 
 @app.command()
@@ -723,7 +753,7 @@ def main() -> None:
         app()
     except UsageError as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         typer.echo("interrupted: committed shards are kept; rerun the same command to resume", err=True)
         sys.exit(130)

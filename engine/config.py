@@ -221,6 +221,18 @@ class GenerateConfig:
         return {STORED_KEYS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)
                 if f.name not in EXECUTION_FIELDS and not (f.name in later and getattr(self, f.name) == later[f.name])}
 
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> GenerateConfig:
+        """The config `to_dict` wrote (dataset.json's "config"), with `overrides`; unknown keys are refused
+        by the constructor, so a dataset.json from a newer synthgen says so."""
+        stored = {v: k for k, v in STORED_KEYS.items()}
+        known = {f.name for f in fields(cls)}
+        values = {stored.get(k, k): v for k, v in d.items() if stored.get(k, k) in known}
+        for name in ("shards", "batch_buckets"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        return cls(**{**values, **overrides})
+
     def to_dict(self) -> dict:
         d = {STORED_KEYS.get(k, k): v for k, v in asdict(self).items()}
         for k in ("out", "pack", "bank", "engine", "staging"):

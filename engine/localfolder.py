@@ -60,7 +60,14 @@ class LocalFolder(RunFolder):
         return gone
 
     def create(self) -> None:
-        self.location.mkdir(parents=True, exist_ok=True)
+        if self.location.exists() and not self.location.is_dir():
+            raise UsageError(f"--out {self.location} is a file, not a folder: choose a folder path (it is created "
+                             "when missing)")
+        try:
+            self.location.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise UsageError(f"--out {self.location}: a part of the path is a file ({exc.filename}); choose a "
+                             "folder path") from exc
 
     @contextmanager
     def local_copies(self):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthgen.bank import check_bank_fits_pack, load_bank
@@ -47,6 +47,12 @@ class RunSummary:
     complete: bool
     retried: int = 0
     oom_backoffs: int = 0
+    short: list[int] = field(default_factory=list)  # shards of the asked range missing or below their target
+
+    @property
+    def range_complete(self) -> bool:
+        """Every shard this command was asked for (--shards, or all) is committed with its full target."""
+        return not self.short
 
     @property
     def images_per_second(self) -> float:
@@ -71,6 +77,10 @@ class RunSummary:
                 f"WARNING         shard(s) {self.exhausted[:10]} ran out of candidates before reaching their "
                 "target: lower --min-score / raise --keep-top, or raise --max-oversample"
             )
+        earlier = [k for k in self.short if k not in self.exhausted]
+        if earlier:
+            out.append(f"WARNING         shard(s) {earlier[:10]} of the asked range are short or missing: committed "
+                       "below their target by an earlier run, or held by another writer that has not finished")
         out.append(f"dataset         {'complete' if self.complete else 'incomplete'}; check it with "
                    f"'synthgen verify {self.run_dir}'")
         return out
@@ -136,11 +146,11 @@ def make_executor(cfg: GenerateConfig, folder: RunFolder):
     return LocalExecutor(cfg, folder)
 
 
-def run_generate(cfg: GenerateConfig) -> RunSummary:
+def run_generate(cfg: GenerateConfig, only: list[int] | None = None) -> RunSummary:
     """Resume or start the run described by `cfg`: generate every pending shard in range, then aggregate.
 
     The folder's identity is checked (and its leftovers cleaned) before any model loads, so a wrong --out
-    costs nothing. SIGINT/SIGTERM raise `Interrupted` once the open shard is abandoned and dataset.json
+    costs nothing. `only`: generate no pending shard outside this list (verify --repair). SIGINT/SIGTERM raise `Interrupted` once the open shard is abandoned and dataset.json
     is updated.
     """
     with stop_on_signals():
@@ -148,7 +158,7 @@ def run_generate(cfg: GenerateConfig) -> RunSummary:
         check_executor(cfg)
         folder = run_folder(cfg)
         removed = prepare_run(folder, cfg, identity, header)
-        todo = pending_shards(folder, cfg)
+        todo = [k for k in pending_shards(folder, cfg) if only is None or k in only]
         executor = make_executor(cfg, folder)
         try:
             results, t0 = _execute(cfg, folder, executor, todo, class_names)
@@ -170,7 +180,15 @@ def run_generate(cfg: GenerateConfig) -> RunSummary:
         seconds=time.perf_counter() - t0,
         removed_tmp=removed,
         complete=doc["complete"],
+        short=_short_shards(doc, cfg),
     )
+
+
+def _short_shards(doc: dict, cfg: GenerateConfig) -> list[int]:
+    start, stop = cfg.shards or (0, cfg.num_shards)
+    done = doc.get("shards") or {}
+    return [k for k in range(start, min(stop, cfg.num_shards))
+            if (done.get(str(k)) or {}).get("count", -1) < cfg.shard_target(k)]
 
 
 def _finish(folder: RunFolder, cfg: GenerateConfig, class_names: list[str]) -> dict:

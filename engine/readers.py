@@ -16,6 +16,7 @@ from typing import Iterator
 
 from synthgen.errors import UsageError
 from synthgen.indexes import WIDS_INDEX
+from synthgen.labels import parse_cls
 from synthgen.shards import IMAGE_EXTS, index_name, tar_name
 
 LOADERS = ("webdataset", "wids", "dali")
@@ -56,7 +57,8 @@ def shard_urls(source: str | Path) -> list[str]:
 
 
 def read_samples(source: str | Path, loader: str = "webdataset") -> Iterator[ShardSample]:
-    """Every sample with an image and a .cls label of `source` (see shard_urls), read by `loader`."""
+    """Every sample with an image and a valid .cls label (labels.py) of `source` (see shard_urls), read by
+    `loader`."""
     if loader not in LOADERS:
         raise UsageError(f"--loader {loader!r} is not one of {', '.join(LOADERS)}")
     if loader == "wids":
@@ -86,8 +88,9 @@ def _read_webdataset(urls: list[str]) -> Iterator[ShardSample]:
 
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         image = _image(sample)
-        if image is not None and "cls" in sample:
-            yield ShardSample(sample["__key__"], image, int(sample["cls"]))
+        label = parse_cls(sample["cls"])[0] if "cls" in sample else None
+        if image is not None and label is not None:
+            yield ShardSample(sample["__key__"], image, label)
 
 
 def _read_wids(source: str | Path) -> Iterator[ShardSample]:
@@ -104,8 +107,9 @@ def _read_wids(source: str | Path) -> Iterator[ShardSample]:
     for i in range(len(dataset)):
         sample = dataset[i]
         image = _image(sample, ".")
-        if image is not None and ".cls" in sample:
-            yield ShardSample(sample["__key__"], image, int(_bytes(sample[".cls"])))
+        label = parse_cls(_bytes(sample[".cls"]))[0] if ".cls" in sample else None
+        if image is not None and label is not None:
+            yield ShardSample(sample["__key__"], image, label)
 
 
 def _read_dali(urls: list[str]) -> Iterator[ShardSample]:
@@ -131,6 +135,7 @@ def _read_dali(urls: list[str]) -> Iterator[ShardSample]:
         images, labels, metas = pipe.run()
         for i in range(min(left, len(images))):
             meta = json.loads(bytes(np.asarray(metas.at(i))) or b"{}")
-            yield ShardSample(str(meta.get("key", "")), bytes(np.asarray(images.at(i))),
-                              int(bytes(np.asarray(labels.at(i)))))
+            label = parse_cls(bytes(np.asarray(labels.at(i))))[0]
+            if label is not None:
+                yield ShardSample(str(meta.get("key", "")), bytes(np.asarray(images.at(i))), label)
         left -= len(images)

@@ -15,7 +15,7 @@ from synthgen.config import GenerateConfig
 from synthgen.errors import UsageError
 from synthgen.indexes import WIDS_INDEX, dali_index, tar_members, wids_index
 from synthgen.runfolder import DATASET_JSON, RunFolder, is_remote, normalize_out
-from synthgen.shards import index_name, tar_name
+from synthgen.shards import index_name, stats_name, tar_name
 from synthgen.stats import RunDoc, json_bytes
 
 
@@ -90,7 +90,7 @@ def prepare_run(folder: RunFolder, cfg: GenerateConfig, identity: dict, header: 
                 f"{folder.location} holds .tar files but no {DATASET_JSON}: it is not a synthgen run folder. "
                 "Choose another --out, or pass --overwrite to delete those shards"
             )
-        elif existing is not None and existing.get("identity") != identity:
+        elif existing is not None and _without_n(existing.get("identity")) != _without_n(identity):
             old = existing.get("identity", {})
             diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
             details = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}" for k in diff[:8])
@@ -98,11 +98,35 @@ def prepare_run(folder: RunFolder, cfg: GenerateConfig, identity: dict, header: 
                 f"{folder.location} was generated with a different configuration ({details}); resuming would "
                 "mix two datasets. Use the original options, another --out, or --overwrite to start afresh"
             )
+        if existing is not None and existing.get("identity", {}).get("n") != cfg.n:
+            _grow(folder, cfg, existing)
         removed = folder.remove_uncommitted(cfg.shards)
         if existing is None:
             doc = RunDoc.from_dict({**_json_roundtrip(header), "identity": identity})
             folder.write(DATASET_JSON, json_bytes(doc.to_dict()))
     return removed
+
+
+def _without_n(identity) -> dict | None:
+    return {k: v for k, v in identity.items() if k != "n"} if isinstance(identity, dict) else identity
+
+
+def _grow(folder: RunFolder, cfg: GenerateConfig, existing: dict) -> None:
+    """Take a finished or partial run to a larger --n: every committed shard that is full stays (a sample's
+    image depends on the run's identity and its id, never on n), the old last shard, whose target grows,
+    is made pending again, and dataset.json records the new n. A smaller --n is refused: its shards past
+    the new end would stay in the folder, where every reader would find them."""
+    old_n = existing.get("identity", {}).get("n")
+    if not isinstance(old_n, int) or cfg.n < old_n:
+        raise UsageError(
+            f"{folder.location} holds a run of --n {old_n}; --n {cfg.n} would shrink it, and the shards past the "
+            "new end would stay in the folder. Keep --n, choose another --out, or pass --overwrite"
+        )
+    stale = [k for k, s in folder.committed((0, cfg.num_shards)).items() if s.target != cfg.shard_target(k)]
+    folder.delete([name for k in stale for name in (stats_name(k), tar_name(k), index_name(k))])
+    existing["identity"]["n"] = cfg.n
+    existing.setdefault("config", {})["n"] = cfg.n
+    folder.write(DATASET_JSON, json_bytes(existing))
 
 
 def finalize_run(folder: RunFolder, cfg: GenerateConfig, class_names: list[str]) -> dict:

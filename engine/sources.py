@@ -20,8 +20,9 @@ Accepted specs:
    `.tar` file, or a folder holding `.tar` files (other files such as `*.stats.json` are ignored).
    The image is the first of the `jpg`/`jpeg`/`png`/`webp` members, the label the ASCII int in `.cls`.
    Class names come from `classes.json` (a JSON list of names) or `classes.txt` (one name per line)
-   beside the first shard, else they are `"0" .. str(max label)`. A tar that cannot be read at all is
-   a `UsageError` at open time: it is the user's file to fix or leave out of the pattern.
+   beside the first shard, else they are `"0" .. str(max label)` (or, for sparse large labels, the labels
+   seen: labels.py). A tar that cannot be read at all is a `UsageError` at open time: it is the user's
+   file to fix or leave out of the pattern.
 3. `builtin:digits`, `builtin:digits:train`, `builtin:digits:test`: scikit-learn's `load_digits` (1797
    8x8 images, values 0..16) as uint8 RGB, split once by `digits_split()`.
 
@@ -47,6 +48,7 @@ from PIL import Image
 
 from synthgen.decode import MAX_ERROR_CHARS, DaliDecoder, PilDecoder, image_to_uint8_rgb, short_error
 from synthgen.errors import UsageError
+from synthgen.labels import class_names_for, parse_cls
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SHARD_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
@@ -309,13 +311,8 @@ def _parse_label(sample: dict) -> tuple[int, str | None]:
     raw = sample.get("cls")
     if raw is None:
         return UNKNOWN_LABEL, "sample has no .cls member"
-    try:
-        label = int(raw.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        return UNKNOWN_LABEL, f"bad .cls {raw[:20]!r}: expected an ASCII int"
-    if label < 0:
-        return UNKNOWN_LABEL, f"bad .cls {label}: labels must be >= 0"
-    return label, None
+    label, error = parse_cls(raw)
+    return (UNKNOWN_LABEL, error) if label is None else (label, None)
 
 
 def _scan_shards(spec: str, shards: list[str]) -> tuple[list[str], list[int], list[str | None]]:
@@ -342,7 +339,7 @@ def _open_shards(spec: str, shards: list[str]) -> ImageSource:
         raise UsageError(f"source {spec!r}: the {len(shards)} shard(s) hold no samples ({_ACCEPTED_FORMS})")
     class_names = _read_class_file(spec, os.path.dirname(os.path.abspath(shards[0])))
     if class_names is None:
-        class_names = [str(i) for i in range(max(labels) + 1)]
+        class_names, labels = class_names_for(labels)
     for i, label in enumerate(labels):
         if label_errors[i] is None and label >= len(class_names):
             labels[i] = UNKNOWN_LABEL

@@ -45,10 +45,18 @@ class VerifyReport:
     shards_checked: int
     samples: int
     problems: list[str] = field(default_factory=list)
+    damaged: set[int] = field(default_factory=set)  # shards a problem names: `verify --repair` redoes them
+    num_shards: int | None = None  # the run's shards, and how many dataset.json lists as committed
+    committed: int = 0
+    complete: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def incomplete_line(self) -> str:
+        return (f"incomplete: {self.committed} of {self.num_shards} shards committed; rerun the same generate "
+                "command to finish")
 
 
 @dataclass
@@ -82,6 +90,9 @@ def _verify_shards(folder: RunFolder, dataset: dict, report: VerifyReport, decod
     listed = _listed_shards(dataset, report.problems)
     on_disk = _shards_on_disk(names)
     report.problems += _shard_set_problems(dataset, listed, on_disk)
+    report.num_shards, report.committed = dataset.get("num_shards"), len(listed)
+    report.complete = bool(dataset.get("complete"))
+    report.damaged |= (listed - on_disk["stats"]) | (on_disk["stats"] - on_disk["tars"])
 
     # dataset.json aggregates the stats files, and each stats file is checked against its tar: so the
     # run totals are compared with the stats, and a damaged shard is reported once, at the shard.
@@ -90,6 +101,7 @@ def _verify_shards(folder: RunFolder, dataset: dict, report: VerifyReport, decod
     for shard in sorted(listed | on_disk["stats"]):
         stats = _load_stats(folder, shard, report.problems)
         if stats is None or shard not in on_disk["tars"]:
+            report.damaged.add(shard)
             continue
         entry = (dataset.get("shards") or {}).get(str(shard))
         entry = entry if isinstance(entry, dict) else None
@@ -97,6 +109,8 @@ def _verify_shards(folder: RunFolder, dataset: dict, report: VerifyReport, decod
         if count:  # an empty shard has no index: there is nothing to read
             problems += _index_problems(local, shard, index_name(shard) in names)
         report.problems += _capped(shard, problems)
+        if problems:
+            report.damaged.add(shard)
         report.shards_checked += 1
         report.samples += count
         per_class += _recorded_per_class(stats, labels)

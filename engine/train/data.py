@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from synthgen.errors import UsageError
+from synthgen.labels import class_names_for
 
 
 @dataclass
@@ -79,9 +80,9 @@ def load_shards(source: str, size: int, limit: int | None = None, loader: str = 
             break
     if not images:
         raise UsageError(f"the shards {source!r} hold no images with a .cls label")
-    num_classes = max(labels) + 1
-    names = class_names or [str(i) for i in range(num_classes)]
-    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), names, keys)
+    if class_names is None:
+        class_names, labels = class_names_for(labels)
+    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), class_names, keys)
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
