@@ -35,7 +35,8 @@ def write_sources(root: Path) -> dict[str, Path]:
 
 
 def main() -> None:
-    from synthgen.benchmark import BenchConfig, markdown, run_bench, table_lines, write_json
+    from synthgen.benchmark import markdown, run_bench, table_lines, write_json
+    from synthgen.config import BenchConfig
     from synthgen.importing.pack_import import ImportOptions, import_pack
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

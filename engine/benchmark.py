@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import platform
 import shutil
@@ -51,94 +50,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from synthgen.config import BACKENDS, DEVICES, DTYPES, FORMATS, GenerateConfig, parse_count, resolve_pack
+from synthgen.config import BenchConfig, GenerateConfig, resolve_pack
 from synthgen.errors import UsageError
 from synthgen.export.backends import TORCH_DTYPES
 from synthgen.export.timing import timed
-from synthgen.samplers import SAMPLERS, NoiseSchedule
+from synthgen.samplers import NoiseSchedule
 
-GEN = GenerateConfig.__dataclass_fields__  # generate's defaults: the bench measures what generate would run
+GEN = GenerateConfig.__dataclass_fields__
 PHOTOS = ("china.jpg", "flower.jpg")  # real photos that ship inside scikit-learn's wheel (427 x 640)
 EMBED_BATCH = 64  # images per decoder / encoder call in `synthgen embed` (its --batch default)
 STAGES = ("decode", "encode", "denoise_step", "vae_decode", "filter", "image_encode", "write")
 
 
 # ---- Configuration -----------------------------------------------------------------------------------
-
-
-def parse_int_list(text: str, option: str) -> tuple[int, ...]:
-    """'1,4,25' -> (1, 4, 25): positive integers, duplicates dropped, order kept. Raises UsageError."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise UsageError(f"{option} {text!r} must be comma-separated integers >= 1, e.g. 1,4,25") from None
-    if not values or min(values) < 1:
-        raise UsageError(f"{option} {text!r} must be comma-separated integers >= 1, e.g. 1,4,25")
-    return tuple(dict.fromkeys(values))
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    pack: Path | None = None  # None and no preset: the default pack shipped inside synthgen
-    preset: str | None = None  # a random-weight pack written to a temporary folder
-    images: str | None = None  # real images for decode/encode (and the bank); None: photos from sklearn
-    backend: str = "eager"
-    dtype: str = GEN["dtype"].default
-    device: str = "auto"
-    sampler: str = GEN["sampler"].default
-    steps: tuple[int, ...] = (1, 4, 20)
-    batches: tuple[int, ...] = (8, 32)
-    guidance: float = 2.0  # --cfg; guidance on: the denoiser then runs cond + uncond, the common generation setting
-    n: int = 128  # images per end-to-end run (synthgen and naive)
-    decode_batch: int | None = None  # end to end: VAE decode rows per chunk; None: the --batch of the row
-    filter_batch: int | None = None  # end to end: filter-encoder rows per chunk; None: the --batch of the row
-    naive_batch: int = 4
-    naive_dtype: str | None = None  # None: the run dtype
-    repeats: int = 5
-    warmup: int = 1
-    e2e_repeats: int = 1
-    format: str = GEN["format"].default
-    quality: int = GEN["quality"].default
-    matmul_size: int = 2048
-
-    def __post_init__(self):
-        from synthgen.presets import PRESETS
-
-        object.__setattr__(self, "n", parse_count(self.n))
-        for name, option in (("steps", "--steps"), ("batches", "--batch")):
-            value = getattr(self, name)
-            value = parse_int_list(value, option) if isinstance(value, str) else tuple(value)
-            if not value or not all(isinstance(v, int) and v >= 1 for v in value):
-                raise UsageError(f"{option} needs integers >= 1, got {value!r}")
-            object.__setattr__(self, name, value)
-        for option, value in (("--decode-batch", self.decode_batch), ("--filter-batch", self.filter_batch)):
-            if value is not None and not (isinstance(value, int) and value >= 1):
-                raise UsageError(f"{option} needs an integer >= 1, got {value!r}")
-        if self.pack is not None and self.preset is not None:
-            raise UsageError("give --pack or --preset, not both (--preset writes a random-weight pack)")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise UsageError(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
-        for option, value, allowed in (("--backend", self.backend, BACKENDS), ("--dtype", self.dtype, DTYPES),
-                                       ("--naive-dtype", self.naive_precision, DTYPES),
-                                       ("--device", self.device, DEVICES), ("--sampler", self.sampler, SAMPLERS),
-                                       ("--format", self.format, FORMATS)):
-            if value not in allowed:
-                raise UsageError(f"{option} {value!r} is not one of {', '.join(allowed)}")
-        for option, value, low in (("--naive-batch", self.naive_batch, 1), ("--repeats", self.repeats, 1),
-                                   ("--warmup", self.warmup, 0), ("--e2e-repeats", self.e2e_repeats, 1),
-                                   ("--matmul-size", self.matmul_size, 16)):
-            if not isinstance(value, int) or value < low:
-                raise UsageError(f"{option} must be an integer >= {low}, got {value!r}")
-        if not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise UsageError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {self.guidance}")
-        if not 1 <= self.quality <= 100:
-            raise UsageError(f"--quality must be in [1, 100], got {self.quality}")
-
-    @property
-    def naive_precision(self) -> str:
-        """The dtype the naive loop runs in: --naive-dtype, else the run's own."""
-        return self.naive_dtype or self.dtype
 
 
 # ---- Results -----------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from torch import nn
 
 from synthgen.errors import UsageError
 from synthgen.noise import STREAM_COND, gaussian
+
 from synthgen.plan import SamplePlan
 
-NULL_CHOICES = ("pack", "zeros", "mean")  # generate --null: the pack's own, or one the user names
 
 
 def conditions(embeddings: torch.Tensor, plan: SamplePlan, lam: float, seeds: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""`GenerateConfig`: the one source of generate's defaults, validated once at the boundary.
+"""`GenerateConfig`: the one source of generate's defaults, validated once at the boundary; `BenchConfig`,
+the bench's sweeps over the same settings, with generate's defaults.
 
-The CLI forwards its options here (a test checks the CLI defaults equal these). Fields split in two:
+The CLI, the bench and the Ray actors all build from these (a test checks the CLI defaults equal them). Fields split in two:
 the run's identity (what decides which image a sample id gets; a run folder refuses to resume under a
 different identity) and execution settings (batch size, device, shard range) that never change images.
 """
@@ -13,23 +14,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from synthgen.errors import UsageError
-from synthgen.filtering import FilterConfig
-from synthgen.condition import NULL_CHOICES
-from synthgen.plan import PlanConfig
-from synthgen.samplers import SAMPLERS
-from synthgen.scheduler import BatchSizes, default_buckets
-from synthgen.encode import IMAGE_ENCODERS  # JPEG only; WebP and PNG always use Pillow
+from synthgen.options import (
+    BACKENDS, DEVICES, DTYPES, EXECUTORS, FORMATS, IMAGE_ENCODERS, NULL_CHOICES, OVERLAPS, PRESETS, SAMPLERS,
+)
 from synthgen.runfolder import is_remote, normalize_out
 
-FORMATS = ("jpg", "webp", "png")
-DTYPES = ("fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("eager", "compile", "ort", "trt", "auto")
-# Where the device stages run: "thread" = a device thread computes ahead while the calling thread decides
-# and writes; "inline" = the calling thread computes each batch when it needs it. "auto" = thread on CUDA,
-# inline on the CPU: there a second thread running torch starts a second OpenMP team on the same cores,
-# and libgomp then throttles its spin-waits (bf16 at batch 8: inline 1.76x the thread; overlap.py).
-OVERLAPS = ("auto", "thread", "inline")
 # Execution settings: changing them never changes which image a sample id gets. `engine` / `backend`
 # run the same networks through another runtime: images match the eager run within the error the engine
 # recorded against eager when it was built (manifest.json), not bitwise. `image_encoder` picks the JPEG
@@ -42,7 +31,6 @@ EXECUTION_FIELDS = (
 )
 # Fields stored under another key in dataset.json and run identities: the names those files have always had.
 STORED_KEYS = {"guidance": "cfg"}
-EXECUTORS = ("local", "ray")
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
@@ -100,7 +88,7 @@ class GenerateConfig:
     pack: Path | None = None  # default: the trained digits pack inside the package
     bank: Path | None = None  # default: the pack's own bank folder PACK/bank when it has one
     sampler: str = "dpmpp_2m"
-    steps: int = 20
+    steps: int | None = None  # None: default_steps(pack), resolved once and recorded
     guidance: float = 1.0  # classifier-free guidance scale (--cfg; 1 = none), stored under the key "cfg"
     null: str = "pack"  # the unconditional input of guidance: the pack's | zeros | the bank's mean embedding
     mode: str = "reuse"
@@ -115,8 +103,8 @@ class GenerateConfig:
     format: str = "jpg"
     quality: int = 90
     save_cond: bool = False
-    dtype: str = "fp32"
-    batch: int = 32  # denoiser rows per chunk
+    dtype: str = "auto"  # resolve_dtype: bf16 where the hardware has it, else fp32 (fp16 on old GPUs)
+    batch: int = 128  # denoiser rows per chunk (bench/results/defaults_cpu.md: 64-256 within noise on 2 cores)
     batch_buckets: tuple[int, ...] | None = None  # None: powers of two up to the largest stage batch
     decode_batch: int | None = None  # VAE decode rows per chunk; None: --batch
     filter_batch: int | None = None  # filter-encoder rows per chunk; None: --batch
@@ -149,6 +137,8 @@ class GenerateConfig:
         _choice("--format", self.format, FORMATS)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--device", self.device, DEVICES)
+        # The dtype decides the images, so "auto" is resolved here, once: the run's identity records it.
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         _choice("--backend", self.backend, BACKENDS)
         _choice("--executor", self.executor, EXECUTORS)
         _choice("--image-encoder", self.image_encoder, IMAGE_ENCODERS)
@@ -169,6 +159,8 @@ class GenerateConfig:
             object.__setattr__(self, "engine", Path(self.engine))
             if self.backend != "eager":
                 raise UsageError("give --engine ENGINE_DIR or --backend, not both: the engine folder names its backend")
+        if self.steps is None:
+            object.__setattr__(self, "steps", default_steps(self.pack))
         _at_least("--steps", self.steps, 1)
         _at_least("--batch", self.batch, 1)
         for option, value in (("--decode-batch", self.decode_batch), ("--filter-batch", self.filter_batch),
@@ -185,17 +177,24 @@ class GenerateConfig:
         self.plan_config  # validates mode / lam / balance / seed
         self.filter_config  # validates min_score / keep_top / group
 
+    # The stage configs import numpy / torch when first asked for, not when the CLI builds its help.
     @property
-    def plan_config(self) -> PlanConfig:
+    def plan_config(self):
+        from synthgen.plan import PlanConfig
+
         return PlanConfig(mode=self.mode, lam=self.lam, balance=self.balance, seed=self.seed)
 
     @property
-    def filter_config(self) -> FilterConfig:
+    def filter_config(self):
+        from synthgen.filtering import FilterConfig
+
         return FilterConfig(min_score=self.min_score, keep_top=self.keep_top, group=self.keep_top_group)
 
     @property
-    def batch_sizes(self) -> BatchSizes:
+    def batch_sizes(self):
         """Per-stage chunk sizes and the buckets chunks are padded to (engine/scheduler.py)."""
+        from synthgen.scheduler import BatchSizes, default_buckets
+
         decode, filt = self.decode_batch or self.batch, self.filter_batch or self.batch
         return BatchSizes(self.batch, decode, filt, self.batch_buckets or default_buckets(self.batch, decode, filt))
 
@@ -240,6 +239,119 @@ class GenerateConfig:
         d["shards"] = list(self.shards) if self.shards else None
         d["batch_buckets"] = list(self.batch_buckets) if self.batch_buckets else None
         return d
+
+
+# ---- synthgen bench: sweeps over generate's settings, with generate's defaults -------------------------
+
+_GEN = GenerateConfig.__dataclass_fields__
+
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    """'1,4,25' -> (1, 4, 25): positive integers, duplicates dropped, order kept. Raises UsageError."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"{option} {text!r} must be comma-separated integers >= 1, e.g. 1,4,25") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} {text!r} must be comma-separated integers >= 1, e.g. 1,4,25")
+    return tuple(dict.fromkeys(values))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    pack: Path | None = None  # None and no preset: the default pack shipped inside synthgen
+    preset: str | None = None  # a random-weight pack written to a temporary folder
+    images: str | None = None  # real images for decode/encode (and the bank); None: photos from sklearn
+    backend: str = "eager"
+    dtype: str = _GEN["dtype"].default
+    device: str = "auto"
+    sampler: str = _GEN["sampler"].default
+    steps: tuple[int, ...] = (1, 4, 20)
+    batches: tuple[int, ...] = (8, 32)
+    guidance: float = 2.0  # --cfg; guidance on: the denoiser then runs cond + uncond, the common generation setting
+    n: int = 128  # images per end-to-end run (synthgen and naive)
+    decode_batch: int | None = None  # end to end: VAE decode rows per chunk; None: the --batch of the row
+    filter_batch: int | None = None  # end to end: filter-encoder rows per chunk; None: the --batch of the row
+    naive_batch: int = 4
+    naive_dtype: str | None = None  # None: the run dtype
+    repeats: int = 5
+    warmup: int = 1
+    e2e_repeats: int = 1
+    format: str = _GEN["format"].default
+    quality: int = _GEN["quality"].default
+    matmul_size: int = 2048
+
+    def __post_init__(self):
+        object.__setattr__(self, "n", parse_count(self.n))
+        for name, option in (("steps", "--steps"), ("batches", "--batch")):
+            value = getattr(self, name)
+            value = parse_int_list(value, option) if isinstance(value, str) else tuple(value)
+            if not value or not all(isinstance(v, int) and v >= 1 for v in value):
+                raise UsageError(f"{option} needs integers >= 1, got {value!r}")
+            object.__setattr__(self, name, value)
+        for option, value in (("--decode-batch", self.decode_batch), ("--filter-batch", self.filter_batch)):
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise UsageError(f"{option} needs an integer >= 1, got {value!r}")
+        if self.pack is not None and self.preset is not None:
+            raise UsageError("give --pack or --preset, not both (--preset writes a random-weight pack)")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise UsageError(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+        for option, value, allowed in (("--backend", self.backend, BACKENDS), ("--dtype", self.dtype, DTYPES),
+                                       ("--naive-dtype", self.naive_precision, DTYPES),
+                                       ("--device", self.device, DEVICES), ("--sampler", self.sampler, SAMPLERS),
+                                       ("--format", self.format, FORMATS)):
+            if value not in allowed:
+                raise UsageError(f"{option} {value!r} is not one of {', '.join(allowed)}")
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
+        if self.naive_dtype is not None:
+            object.__setattr__(self, "naive_dtype", resolve_dtype(self.naive_dtype, self.device))
+        for option, value, low in (("--naive-batch", self.naive_batch, 1), ("--repeats", self.repeats, 1),
+                                   ("--warmup", self.warmup, 0), ("--e2e-repeats", self.e2e_repeats, 1),
+                                   ("--matmul-size", self.matmul_size, 16)):
+            if not isinstance(value, int) or value < low:
+                raise UsageError(f"{option} must be an integer >= {low}, got {value!r}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise UsageError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {self.guidance}")
+        if not 1 <= self.quality <= 100:
+            raise UsageError(f"--quality must be in [1, 100], got {self.quality}")
+
+    @property
+    def naive_precision(self) -> str:
+        """The dtype the naive loop runs in: --naive-dtype, else the run's own."""
+        return self.naive_dtype or self.dtype
+
+
+# Steps when --steps is not given. The DiT packs synthgen trains were measured (bench/defaults_study.py,
+# bench/results/defaults_cpu.md): 2 DPM-Solver++ steps train the study classifier as well as 20 (98.5 vs
+# 98.4 % top-1, 3 seeds) at 11x the images/s; 1 DDIM step does not (11 %). Imported UNets were trained for
+# 50-1000 step samplers and have not been measured here: they keep the common 20.
+DEFAULT_STEPS = {"dit": 2, "unet2d": 20}
+
+
+def default_steps(pack: Path) -> int:
+    from synthgen.pack import read_pack_config
+
+    try:
+        kind = read_pack_config(pack).denoiser.kind
+    except UsageError:
+        return 20  # an unreadable pack is reported, with its fix, where the run first reads it
+    return DEFAULT_STEPS.get(kind, 20)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """--dtype auto: bf16 where the hardware computes it natively (a GPU with bf16; a CPU with AVX-512 BF16
+    or AMX), fp16 on a GPU without bf16, fp32 elsewhere (emulated bf16 runs 3-5x slower than fp32 there).
+    Determinism holds per dtype and machine class: a bf16 run and an fp32 run are different data sets."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    from synthgen.export.manifest import cpu_native_bf16
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_native_bf16() else "fp32"
 
 
 def resolve_pack(pack: str | Path | None) -> Path:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from synthgen.errors import UsageError
+from synthgen.options import IMAGE_ENCODERS
 from synthgen.shards import IMAGE_EXTS, ShardWriter
 
 try:  # optional: a faster JPEG encoder than Pillow (same libjpeg-turbo, less overhead per image)
@@ -27,7 +28,6 @@ except ImportError:
     simplejpeg = None
     HAS_SIMPLEJPEG = False
 
-IMAGE_ENCODERS = ("auto", "simplejpeg", "pillow", "nvjpeg")
 ENCODE_DEPTH = 2  # decided groups being encoded while older ones are written
 
 

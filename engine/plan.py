@@ -19,9 +19,8 @@ import torch
 
 from synthgen.errors import UsageError
 from synthgen.noise import STREAM_PLAN, sample_seeds, uniform
+from synthgen.options import BALANCES, MODES
 
-MODES = ("reuse", "perturb", "interpolate")
-BALANCES = ("class", "bank")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from synthgen.errors import UsageError
+from synthgen.options import PRESETS as PRESET_NAMES
 from synthgen.models.denoiser import build_denoiser_module
 from synthgen.models.dit import reinit_zero_params_
 from synthgen.models.encoder import EncoderSpec, build_encoder_module
@@ -133,6 +134,7 @@ def _paper() -> PackConfig:
 
 
 PRESETS = {"tiny": _tiny, "tiny-unet": _tiny_unet, "tiny-flow": _tiny_flow, "small": _small, "paper": _paper}
+assert tuple(PRESETS) == PRESET_NAMES, "options.PRESETS names the presets built here"
 
 
 def preset_config(name: str) -> PackConfig:

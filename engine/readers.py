@@ -17,9 +17,9 @@ from typing import Iterator
 from synthgen.errors import UsageError
 from synthgen.indexes import WIDS_INDEX
 from synthgen.labels import parse_cls
+from synthgen.options import LOADERS
 from synthgen.shards import IMAGE_EXTS, index_name, tar_name
 
-LOADERS = ("webdataset", "wids", "dali")
 DALI_BATCH = 64  # samples per DALI reader batch; the last one is padded and trimmed here
 
 

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from synthgen.errors import UsageError
+from synthgen.options import SAMPLERS
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")
 # "default": each sampler's diffusers default (leading for ddpm/ddim, linspace for dpmpp_2m/euler).
 TIMESTEP_SPACINGS = ("default", "leading", "trailing", "linspace")
 # Fields added after packs were first written: to_dict leaves them out at their defaults, so the canonical

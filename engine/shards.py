@@ -160,15 +160,23 @@ class _HashingFile:
         return self.nbytes
 
 
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
+# The fixed fields of every member header: mode 0644, uid/gid 0, mtime 0, a regular file, no link, USTAR
+# magic, empty owner names and device numbers, no prefix. Exactly what tarfile writes for these values.
+_HEADER_MID = b"0000644\0" + b"0000000\0" * 2
+_HEADER_TAIL = (b"00000000000\0" + b" " * 8 + tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC
+                + b"\0" * (32 + 32 + 8 + 8 + 155))
+_ZERO_BLOCK = b"\0" * tarfile.BLOCKSIZE
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header of a regular file `name` of `size` bytes with the fixed fields above:
+    byte-equal to tarfile's for the same TarInfo (tested), built without its per-field formatting, which
+    cost a quarter of a small-image shard's time."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or size >= 8**11:
+        raise ValueError(f"member {name!r} of {size} bytes does not fit a plain USTAR header")
+    head = (raw.ljust(100, b"\0") + _HEADER_MID + b"%011o\0" % size + _HEADER_TAIL).ljust(tarfile.BLOCKSIZE, b"\0")
+    return head[:148] + b"%06o\0 " % sum(head) + head[156:]  # the checksum counts its own field as spaces
 
 
 class ShardWriter:
@@ -198,8 +206,6 @@ class ShardWriter:
     def _open(self) -> None:
         self._raw = open(self.tmp_path, "wb")
         self._out = _HashingFile(self._raw)
-        # USTAR: fixed 512-byte headers, no pax records with times or owners.
-        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.USTAR_FORMAT)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -238,10 +244,13 @@ class ShardWriter:
         self.count += 1
 
     def _write_members(self, members: list[tuple[str, bytes]]) -> None:
+        # USTAR: a fixed 512-byte header per member (no pax records with times or owners), the data,
+        # zeros to the next block.
         for name, payload in members:
-            # A USTAR header is one 512-byte block (names are short and dot-keyed), then the data.
-            self._members.append((name, self._out.nbytes + tarfile.BLOCKSIZE, len(payload)))
-            self._tar.addfile(_tar_info(name, len(payload)), io.BytesIO(payload))
+            self._out.write(ustar_header(name, len(payload)))
+            self._members.append((name, self._out.nbytes, len(payload)))
+            self._out.write(payload)
+            self._out.write(_ZERO_BLOCK[: -len(payload) % tarfile.BLOCKSIZE])
 
     def commit(self) -> dict:
         """Finish the tar and its index and make them durable under their final names; returns sha256,
@@ -253,7 +262,9 @@ class ShardWriter:
         return {"sha256": self._out.sha.hexdigest(), "bytes": self._out.nbytes, "count": self.count}
 
     def _finish(self) -> None:
-        self._tar.close()  # end-of-archive blocks and record padding
+        # The end of the archive: two zero blocks, then zeros to a whole record (what tar -b20 writes).
+        self._out.write(_ZERO_BLOCK * 2)
+        self._out.write(b"\0" * (-self._out.nbytes % tarfile.RECORDSIZE))
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()

@@ -45,9 +45,10 @@ def digits_bank(tiny_pack, tmp_path_factory):
 @pytest.fixture
 def gen_kwargs(tiny_pack, digits_bank, tmp_path):
     """Small, fast generate options; tests override what they exercise. CPU even where a GPU is visible:
-    byte-exact comparisons and the ORT engines are CPU contracts (GPU tests ask for cuda themselves)."""
+    byte-exact comparisons and the ORT engines are CPU contracts (GPU tests ask for cuda themselves); fp32,
+    since --dtype auto picks bf16 on CPUs that have it, and byte-identity across batch sizes is an fp32 contract."""
     return dict(n=24, out=tmp_path / "run", pack=tiny_pack, bank=digits_bank, sampler="ddim", steps=2,
-                shard_size=10, batch=8, device="cpu", progress=False)
+                shard_size=10, batch=8, device="cpu", dtype="fp32", progress=False)
 
 
 # ---- Imported packs: tiny real transformers / diffusers checkpoints, saved as users have them -----------------

@@ -13,7 +13,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from synthgen.benchmark import STAGES, BenchConfig, parse_int_list
+from synthgen.benchmark import STAGES
+from synthgen.config import BenchConfig, parse_int_list
 from synthgen.cli import app, bench, main
 from synthgen.errors import UsageError
 
@@ -32,7 +33,7 @@ def test_bench_tiny_preset_writes_table_json_and_markdown(tmp_path):
     out, md, png = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
     result = runner.invoke(app, [
         "bench", "--preset", "tiny", "--steps", "1,2", "--batch", "4", "--n", "8", "--naive-batch", "2",
-        "--repeats", "1", "--matmul-size", "128", "--naive-dtype", "bf16", "--filter-batch", "8",
+        "--repeats", "1", "--matmul-size", "128", "--dtype", "fp32", "--naive-dtype", "bf16", "--filter-batch", "8",
         "--json", str(out), "--md", str(md),
         "--plot", str(png),
     ])
@@ -63,7 +64,7 @@ def test_bench_tiny_preset_writes_table_json_and_markdown(tmp_path):
     env = doc["environment"]
     assert env["versions"]["torch"] and env["torch_threads"] >= 1 and env["dtype"] == "fp32"
     assert env["device"]["type"] == "cpu" and env["cpu_cores"] >= 1 and len(env["load_avg_end"]) == 3
-    assert env["command"].startswith("synthgen bench --preset tiny --steps 1,2 --batch 4")
+    assert env["command"].startswith("synthgen bench --preset tiny --dtype fp32 --steps 1,2 --batch 4")
     assert doc["peak_gflops"]["fp32"] > 0 and doc["pack"]["gflop_per_img"]["denoiser"] > 0
     text = md.read_text()
     assert env["command"] in text and "load average" in text and "synthgen/naive" in text
@@ -98,12 +99,12 @@ def test_parse_int_list():
 
 def test_cli_defaults_equal_bench_config_defaults():
     params = inspect.signature(bench).parameters
-    config = BenchConfig()
+    config = BenchConfig()  # "auto" dtype resolves on construction: the CLI shows the field default
     assert params["steps"].default.default == ",".join(map(str, config.steps))
     assert params["batch"].default.default == ",".join(map(str, config.batches))
     for name in ("backend", "dtype", "device", "sampler", "guidance", "naive_batch", "repeats", "e2e_repeats",
                  "matmul_size"):
-        assert params[name].default.default == getattr(config, name), name
+        assert params[name].default.default == BenchConfig.__dataclass_fields__[name].default, name
     assert int(params["n"].default.default) == config.n
 
 
@@ -126,7 +127,7 @@ def test_model_stages_and_naive_call_on_other_packs_and_samplers(tmp_path, prese
 
     write_random_pack(preset, tmp_path / "pack")
     pack = load_pack(tmp_path / "pack")
-    cfg = BenchConfig(preset=preset, sampler=sampler, repeats=1, warmup=0)
+    cfg = BenchConfig(preset=preset, sampler=sampler, repeats=1, warmup=0, dtype="fp32")
     cond = torch.randn(3, pack.config.denoiser.cond_dim)
     images, scores = naive_call(pack, cond, cfg, 2, torch.Generator().manual_seed(0), torch.device("cpu"))
     size = pack.config.image_size

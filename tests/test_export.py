@@ -213,7 +213,7 @@ def test_manifest_detects_another_cpu_isa_for_cpu_specific_backends(ort_engines,
 
 def test_on_the_fly_backend_builds_into_cache_and_reuses_it(gen_kwargs, tmp_path, monkeypatch):
     monkeypatch.setenv("SYNTHGEN_ENGINE_CACHE", str(tmp_path / "cache"))
-    rt = load_runtime(GenerateConfig(**gen_kwargs, backend="eager", dtype="bf16"))  # eager: no rt at all
+    rt = load_runtime(GenerateConfig(**{**gen_kwargs, "dtype": "bf16"}, backend="eager"))  # eager: no rt at all
     assert not (tmp_path / "cache").exists() and rt.pack.denoiser.__class__.__name__ == "Denoiser"
     load_runtime(GenerateConfig(**gen_kwargs, backend="ort"))
     manifests = list((tmp_path / "cache").rglob("manifest.json"))

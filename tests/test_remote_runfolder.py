@@ -41,7 +41,7 @@ def local_tars(tiny_pack, digits_bank, tmp_path_factory):
     """The same run written to a local folder: the bytes a URL run must reproduce."""
     out = tmp_path_factory.mktemp("local") / "run"
     run_generate(GenerateConfig(n=24, out=out, pack=tiny_pack, bank=digits_bank, sampler="ddim", steps=2,
-                                shard_size=10, batch=8, progress=False))
+                                shard_size=10, batch=8, dtype="fp32", progress=False))
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
 
 

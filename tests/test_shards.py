@@ -290,3 +290,28 @@ def test_remove_uncommitted_keeps_committed_shards_and_foreign_files(tmp_path):
                                                           "dataset.json", "notes.txt"]
     assert LocalFolder(tmp_path).remove_uncommitted() == []
     assert sorted(LocalFolder(tmp_path).committed()) == [0]
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 70_000])
+def test_member_headers_are_the_ones_tarfile_writes(size):
+    from synthgen.shards import ustar_header
+
+    for name in ("00000000000.jpg", "k.cls", "x" * 100):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+        assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="does not fit"):
+        ustar_header("y" * 101, size)
+
+
+def test_a_shard_is_byte_equal_to_the_same_members_written_by_tarfile(tmp_path):
+    records = _records(0, 5)
+    _write(tmp_path, 0, records)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for r in records:
+            for name, payload in r.members():
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(payload), 0, 0o644, "", ""
+                tar.addfile(info, io.BytesIO(payload))
+    assert shard_path(tmp_path, 0).read_bytes() == buf.getvalue()

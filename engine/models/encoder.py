@@ -279,6 +279,11 @@ def resize(images: torch.Tensor, rule: ResizeRule | int) -> torch.Tensor:
     if (h == size and w == size) if rule.mode == "square" else min(h, w) == size:
         return images
     out = rule.output(int(h), int(w))
+    if images.dtype in (torch.float16, torch.bfloat16):
+        # The antialiased kernels have no half-precision CPU implementation; resizing in float32 costs
+        # little beside the network and keeps a bf16 run's preprocessing equal to an fp32 run's.
+        return F.interpolate(images.float(), size=out, mode=rule.interpolation, antialias=True,
+                             align_corners=False).to(images.dtype)
     return F.interpolate(images, size=out, mode=rule.interpolation, antialias=True, align_corners=False)
 
 
