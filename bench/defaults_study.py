@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--classifier-steps", type=int, default=300)
     ap.add_argument("--only", default=None, help="|-separated setting-name prefixes")
+    ap.add_argument("--distilled", type=Path, action="append", default=[],
+                    help="a pack from 'synthgen train distill' to add as a setting (its own sampler and steps)")
+    ap.add_argument("--name", default="defaults", help="result file stem")
     args = ap.parse_args()
 
     from synthgen.config import GenerateConfig
@@ -45,7 +48,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     test = load_images("builtin:digits:test", 16)
     rows = []
-    for name, fields in SETTINGS:
+    settings = SETTINGS + [(f"distilled {p.name} bf16", dict(pack=p, dtype="bf16", batch=256)) for p in args.distilled]
+    if args.distilled:  # the undistilled teacher at the students' step counts, for the comparison
+        from synthgen.pack import read_pack_config
+
+        for k in sorted({int(read_pack_config(p).distilled["steps"]) for p in args.distilled}):
+            settings.append((f"teacher ddim {k} step(s) bf16", dict(sampler="ddim", steps=k, dtype="bf16", batch=256)))
+    for name, fields in settings:
         if args.only and not name.startswith(tuple(args.only.split("|"))):
             continue
         run_dir = args.out / "work" / name.replace(" ", "-")
@@ -56,7 +65,7 @@ def main() -> None:
             model, _ = train_classifier(data, ClassifierConfig(steps=args.classifier_steps, seed=seed, input_size=16),
                                         progress=False)
             top1.append(evaluate(model, test, 16)["top1"])
-        row = {"setting": name, **fields, "images": summary.images, "seconds": round(summary.seconds, 2),
+        row = {"setting": name, **{k: str(v) for k, v in fields.items()}, "images": summary.images, "seconds": round(summary.seconds, 2),
                "images_per_second": round(summary.images_per_second, 1), "top1": top1,
                "mean": statistics.mean(top1), "std": statistics.stdev(top1) if len(top1) > 1 else 0.0}
         rows.append(row)
@@ -66,14 +75,14 @@ def main() -> None:
            "versions": versions(), "date": time.strftime("%Y-%m-%d"), "rows": rows,
            "command": "python bench/defaults_study.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                                   vars(args).items() if k != "out" and v)}
-    (args.out / "defaults.json").write_text(json.dumps(doc, indent=1))
+    (args.out / f"{args.name}.json").write_text(json.dumps(doc, indent=1))
     lines = [f"# generate defaults: speed and training value ({doc['cpu_isa']}, {doc['date']})", "",
              f"{args.n} synthetic images per setting, default pack; classifier: ResNet-18 width 16, "
              f"{args.classifier_steps} steps, {args.seeds} seeds, scored on the real digits test split.", "",
              "| setting | batch | img/s (e2e, load excluded) | top-1 mean ± std |", "|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['batch']} | {r['images_per_second']:.1f} | {r['mean']:.4f} ± {r['std']:.4f} |"
               for r in rows]
-    (args.out / "defaults.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -159,6 +159,10 @@ def _inspect_lines(pack: Path) -> list[str]:
         lines.append(f"source      {component}: {entry.get('class', '?')} from {entry.get('source', '?')}{extra}")
     if config.license:
         lines.append(f"license     {config.license}")
+    if config.distilled:
+        d = config.distilled
+        lines.append(f"distilled   from pack {d.get('teacher')} ({d.get('teacher_steps')} {d.get('sampler')} steps) to "
+                     f"{d.get('steps')} by {d.get('method')}; for --cfg {d.get('guidance', 1)}")
     if config.random_weights:
         lines.append("NOTE        random weights: generated images are noise")
     return lines
@@ -256,7 +260,8 @@ def generate(
     pack: Optional[Path] = typer.Option(None, help="Model pack folder (default: the trained digits pack shipped "
                                         "inside synthgen)."),
     bank: Optional[Path] = typer.Option(None, help="Embedding bank (default: PACK/bank)."),
-    sampler: str = typer.Option(_default("sampler"), help=" | ".join(SAMPLERS)),
+    sampler: Optional[str] = typer.Option(None, help=" | ".join(SAMPLERS) + " (default: the pack's for a "
+                                          "distilled pack, else dpmpp_2m)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Denoising steps (default: 2 for synthgen's DiT packs, "
                                         "measured as useful as 20; 20 for imported UNets)."),
     guidance: float = typer.Option(_default("guidance"), "--cfg", min=0.0,
@@ -657,6 +662,41 @@ def train_denoiser_cmd(
                               heads=max(1, hidden // 32), cond_dropout=cond_dropout, seed=seed)
     path = train_denoiser_into_pack(pack, images, bank or pack / "bank", den, out=out)
     typer.echo(f"wrote pack {path}")
+
+
+@train_app.command("distill")
+def train_distill_cmd(
+    pack: Optional[Path] = typer.Option(None, help="Teacher pack (default: the shipped default pack)."),
+    out: Path = typer.Option(..., help="Folder for the student pack (new or empty)."),
+    steps: int = typer.Option(2, help="The student's DDIM steps: 1, 2 or 4."),
+    teacher_steps: int = typer.Option(8, help="The first teacher's DDIM steps; each round halves them to --steps."),
+    iterations: int = typer.Option(600, min=1, help="Optimisation steps per halving round."),
+    batch: int = typer.Option(64, min=1),
+    lr: float = typer.Option(1e-4, min=0.0),
+    pool: int = typer.Option(2048, min=1, help="Teacher samples to learn from (dpmpp_2m, --pool-steps steps)."),
+    pool_steps: int = typer.Option(20, min=1),
+    bank: Optional[Path] = typer.Option(None, help="Conditions to distil on (default: PACK/bank)."),
+    device: str = typer.Option("auto", help=" | ".join(DEVICES)),
+    seed: int = typer.Option(0, min=0),
+):
+    """Distil a pack's denoiser into a few-step student pack (progressive distillation, Salimans & Ho 2022).
+
+    Each round teaches a copy of the teacher to take in one DDIM step what the teacher does in two, on
+    samples of the teacher itself (no training images needed): 8 -> 4 -> 2 -> 1 steps. The student is a
+    normal pack (engines, bench, generate); generate defaults to DDIM at its step count, without guidance.
+
+    Example: synthgen train distill --steps 1 --out packs/digits-1step
+    """
+    from synthgen.config import resolve_pack
+    from synthgen.runtime import resolve_device
+    from synthgen.train.distill import DistillConfig, distill_pack
+
+    config = DistillConfig(steps=steps, teacher_steps=teacher_steps, iterations=iterations, batch=batch, lr=lr,
+                           pool=pool, pool_steps=pool_steps, seed=seed)
+    summary = distill_pack(resolve_pack(pack), out, config, bank, str(resolve_device(device)),
+                           log=lambda line: typer.echo(line, err=True))
+    typer.echo(f"wrote the {steps}-step student pack {out} in {summary['seconds']:.0f} s "
+               f"(rounds {summary['rounds']}); inspect it with 'synthgen pack inspect {out}'")
 
 
 @train_app.command("default-pack")

@@ -87,7 +87,7 @@ class GenerateConfig:
     out: Path | str  # a local folder (Path), or an fsspec URL string such as s3://bucket/prefix (urlfolder.py)
     pack: Path | None = None  # default: the trained digits pack inside the package
     bank: Path | None = None  # default: the pack's own bank folder PACK/bank when it has one
-    sampler: str = "dpmpp_2m"
+    sampler: str | None = None  # None: the pack's (ddim for a distilled pack), else dpmpp_2m
     steps: int | None = None  # None: default_steps(pack), resolved once and recorded
     guidance: float = 1.0  # classifier-free guidance scale (--cfg; 1 = none), stored under the key "cfg"
     null: str = "pack"  # the unconditional input of guidance: the pack's | zeros | the bank's mean embedding
@@ -132,6 +132,10 @@ class GenerateConfig:
         if isinstance(self.shards, str):
             object.__setattr__(self, "shards", parse_shard_range(self.shards))
         object.__setattr__(self, "batch_buckets", parse_buckets(self.batch_buckets))
+        if self.sampler is None or self.steps is None:
+            sampler, steps = pack_sampling(self.pack)
+            object.__setattr__(self, "sampler", self.sampler or sampler)
+            object.__setattr__(self, "steps", self.steps or steps)
         _choice("--sampler", self.sampler, SAMPLERS)
         _choice("--null", self.null, NULL_CHOICES)
         _choice("--format", self.format, FORMATS)
@@ -159,8 +163,6 @@ class GenerateConfig:
             object.__setattr__(self, "engine", Path(self.engine))
             if self.backend != "eager":
                 raise UsageError("give --engine ENGINE_DIR or --backend, not both: the engine folder names its backend")
-        if self.steps is None:
-            object.__setattr__(self, "steps", default_steps(self.pack))
         _at_least("--steps", self.steps, 1)
         _at_least("--batch", self.batch, 1)
         for option, value in (("--decode-batch", self.decode_batch), ("--filter-batch", self.filter_batch),
@@ -266,7 +268,7 @@ class BenchConfig:
     backend: str = "eager"
     dtype: str = _GEN["dtype"].default
     device: str = "auto"
-    sampler: str = _GEN["sampler"].default
+    sampler: str = "dpmpp_2m"  # generate's for a pack that was not distilled
     steps: tuple[int, ...] = (1, 4, 20)
     batches: tuple[int, ...] = (8, 32)
     guidance: float = 2.0  # --cfg; guidance on: the denoiser then runs cond + uncond, the common generation setting
@@ -329,14 +331,18 @@ class BenchConfig:
 DEFAULT_STEPS = {"dit": 2, "unet2d": 20}
 
 
-def default_steps(pack: Path) -> int:
+def pack_sampling(pack: Path) -> tuple[str, int]:
+    """(sampler, steps) when --sampler / --steps are not given: a distilled pack's own (the sampler and
+    step count it was distilled for), else dpmpp_2m at DEFAULT_STEPS for the pack's denoiser kind."""
     from synthgen.pack import read_pack_config
 
     try:
-        kind = read_pack_config(pack).denoiser.kind
+        config = read_pack_config(pack)
     except UsageError:
-        return 20  # an unreadable pack is reported, with its fix, where the run first reads it
-    return DEFAULT_STEPS.get(kind, 20)
+        return "dpmpp_2m", 20  # an unreadable pack is reported, with its fix, where the run first reads it
+    if config.distilled:
+        return config.distilled["sampler"], int(config.distilled["steps"])
+    return "dpmpp_2m", DEFAULT_STEPS.get(config.denoiser.kind, 20)
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

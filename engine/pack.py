@@ -84,6 +84,7 @@ class PackConfig:
     weights: dict = field(default_factory=dict)  # component -> {"file": name, "sha256": hex}
     provenance: dict = field(default_factory=dict)  # component -> where it came from (pack import)
     license: str = ""  # the licence(s) of the weights, as their sources state them
+    distilled: dict = field(default_factory=dict)  # train distill: teacher hash, steps, sampler, method
 
     def __post_init__(self):
         c, h, w = self.denoiser.sample_shape
@@ -105,7 +106,7 @@ class PackConfig:
         d = asdict(self)
         d["schedule"] = self.schedule.to_dict()
         d["encoder"] = self.encoder.to_dict()
-        for later in ("provenance", "license"):  # added later: absent when empty, so older packs keep their hash
+        for later in ("provenance", "license", "distilled"):  # added later: absent when empty, so older packs keep their hash
             if not d[later]:
                 del d[later]
         return {"format": PACK_FORMAT, **d}
@@ -128,6 +129,7 @@ class PackConfig:
                 weights=d.get("weights", {}),
                 provenance=d.get("provenance", {}),
                 license=d.get("license", ""),
+                distilled=d.get("distilled", {}),
             )
         except UsageError:
             raise  # already says what is wrong
