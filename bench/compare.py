@@ -128,7 +128,7 @@ def main() -> None:
 def run(out: Path, quick: bool, seeds: int, steps: int, rep_pack: Path | None, class_pack: Path | None,
         only: tuple[str, ...] | None = None) -> dict:
     from synthgen.cli import concat_sets
-    from synthgen.pack import DEFAULT_PACK
+    from synthgen.pack import DEFAULT_TEACHER as DEFAULT_PACK  # the study's settings are the teacher's
     from synthgen.train.classifier import ClassifierConfig, evaluate, train_classifier
     from synthgen.train.data import load_images, load_shards
 

@@ -285,7 +285,8 @@ def generate(
     dtype: str = typer.Option(_default("dtype"), help=" | ".join(DTYPES) + ". auto: bf16 where the hardware has "
                               "it (GPUs with bf16, CPUs with AVX512-BF16 or AMX: 2.5-3x fp32 there), fp16 on older "
                               "GPUs, fp32 elsewhere; the run records the dtype it picked (it decides the images)."),
-    batch: int = typer.Option(_default("batch"), min=1, help="Samples per denoiser batch (never changes images)."),
+    batch: Optional[int] = typer.Option(None, min=1, help="Samples per denoiser batch (never changes images; "
+                                        "default: 512 for small samples such as 16 px pixel packs, else 32)."),
     batch_buckets: Optional[str] = typer.Option(None, help="Static batch sizes chunks are padded up to, e.g. "
                                                 "8,32,128 (default: powers of two up to the largest batch)."),
     decode_batch: Optional[int] = typer.Option(None, min=1, help="Samples per VAE decode chunk (default: --batch)."),

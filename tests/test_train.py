@@ -76,7 +76,7 @@ def test_classifier_on_real_digits_beats_chance_and_round_trips(tmp_path):
 
 def test_comparison_bench_plumbing(quick_pack, tmp_path):
     """The reduced study CI runs: every arm trains and scores; real data and the shipped pack beat chance."""
-    from synthgen.pack import DEFAULT_PACK
+    from synthgen.pack import DEFAULT_TEACHER as DEFAULT_PACK  # the study samples with the teacher's settings
 
     path = Path(__file__).resolve().parents[1] / "bench" / "compare.py"
     spec = importlib.util.spec_from_file_location("compare", path)
