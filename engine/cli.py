@@ -262,8 +262,9 @@ def generate(
     bank: Optional[Path] = typer.Option(None, help="Embedding bank (default: PACK/bank)."),
     sampler: Optional[str] = typer.Option(None, help=" | ".join(SAMPLERS) + " (default: the pack's for a "
                                           "distilled pack, else dpmpp_2m)."),
-    steps: Optional[int] = typer.Option(None, min=1, help="Denoising steps (default: 2 for synthgen's DiT packs, "
-                                        "measured as useful as 20; 20 for imported UNets)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Denoising steps (default: a distilled pack's own, 1 for "
+                                        "the default pack; 2 for other synthgen DiT packs, measured as useful as "
+                                        "20; 20 for imported UNets)."),
     guidance: float = typer.Option(_default("guidance"), "--cfg", min=0.0,
                                    help="Guidance scale on the representation (1 = off)."),
     null: str = typer.Option(_default("null"), help="pack | zeros | mean: the unconditional input of guidance "
