@@ -1,7 +1,8 @@
 """`GenerateConfig`: the one source of generate's defaults, validated once at the boundary; `BenchConfig`,
 the bench's sweeps over the same settings, with generate's defaults.
 
-The CLI, the bench and the Ray actors all build from these (a test checks the CLI defaults equal them). Fields split in two:
+The CLI, the bench and the Ray actors all build from these (a test checks the CLI defaults equal them).
+Fields split in two:
 the run's identity (what decides which image a sample id gets; a run folder refuses to resume under a
 different identity) and execution settings (batch size, device, shard range) that never change images.
 """

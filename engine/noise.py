@@ -53,10 +53,38 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def _hash(seeds: torch.Tensor, stream: int, counters: torch.Tensor) -> torch.Tensor:
     """(B,) int64 seeds x (N,) int64 counters -> (B, N) int64 hashes in [0, 2^32)."""
+    if seeds.device.type == "cpu":
+        return torch.from_numpy(_hash_uint32(seeds.numpy(), stream, counters.numpy()).astype(np.int64))
+    return _hash_int64(seeds, stream, counters)
+
+
+def _hash_int64(seeds: torch.Tensor, stream: int, counters: torch.Tensor) -> torch.Tensor:
+    """The hash in int64 tensor ops, on any device (the reference the CPU path is tested against)."""
     lo = (seeds & _MASK32)[:, None]
     hi = ((seeds >> 32) & _MASK32)[:, None]
     h = _mix32(counters[None, :] ^ _mix32(torch.full_like(lo, stream & _MASK32) ^ lo))
     return _mix32(h ^ _mix32(hi + 0x632BE5AB & _MASK32))
+
+
+def _mix32_uint32(x: np.ndarray) -> np.ndarray:
+    # _mix32 in native uint32, where multiplication wraps mod 2^32 by definition: no 16-bit split, half the
+    # memory traffic; bit-identical (tests), and 5-8x faster on the CPU, where x_T's noise was a fifth of a
+    # 1-step batch's time.
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def _hash_uint32(seeds: np.ndarray, stream: int, counters: np.ndarray) -> np.ndarray:
+    """_hash_int64 on the CPU: (B,) int64 seeds x (N,) int64 counters -> (B, N) uint32."""
+    s = seeds.astype(np.uint64)
+    lo = (s & np.uint64(_MASK32)).astype(np.uint32)[:, None]
+    hi = (s >> np.uint64(32)).astype(np.uint32)[:, None]
+    with np.errstate(over="ignore"):
+        h = _mix32_uint32(counters.astype(np.uint32)[None, :] ^ _mix32_uint32(np.uint32(stream & _MASK32) ^ lo))
+        return _mix32_uint32(h ^ _mix32_uint32(hi + np.uint32(0x632BE5AB)))
 
 
 def uniform(seeds: torch.Tensor, stream: int, n: int) -> torch.Tensor:

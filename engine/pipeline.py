@@ -150,8 +150,8 @@ def run_generate(cfg: GenerateConfig, only: list[int] | None = None) -> RunSumma
     """Resume or start the run described by `cfg`: generate every pending shard in range, then aggregate.
 
     The folder's identity is checked (and its leftovers cleaned) before any model loads, so a wrong --out
-    costs nothing. `only`: generate no pending shard outside this list (verify --repair). SIGINT/SIGTERM raise `Interrupted` once the open shard is abandoned and dataset.json
-    is updated.
+    costs nothing. `only`: generate no pending shard outside this list (verify --repair). SIGINT/SIGTERM
+    raise `Interrupted` once the open shard is abandoned and dataset.json is updated.
     """
     with stop_on_signals():
         identity, header, class_names = describe_run(cfg)

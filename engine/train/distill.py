@@ -88,7 +88,8 @@ def split(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, 
         return out, (x - a * out) / s
     if prediction_type == "v_prediction":  # v = a eps - s x0
         return a * x - s * out, s * x + a * out
-    raise UsageError(f"train distill cannot distil prediction_type={prediction_type!r} (flow models use euler, not DDIM)")
+    raise UsageError(f"train distill cannot distil prediction_type={prediction_type!r} (flow models use euler, "
+                     "not DDIM)")
 
 
 class Coefficients:
