@@ -245,12 +245,13 @@ class ShardWriter:
 
     def _write_members(self, members: list[tuple[str, bytes]]) -> None:
         # USTAR: a fixed 512-byte header per member (no pax records with times or owners), the data,
-        # zeros to the next block.
+        # zeros to the next block; a sample's members go out in one write.
+        parts, offset = [], self._out.nbytes
         for name, payload in members:
-            self._out.write(ustar_header(name, len(payload)))
-            self._members.append((name, self._out.nbytes, len(payload)))
-            self._out.write(payload)
-            self._out.write(_ZERO_BLOCK[: -len(payload) % tarfile.BLOCKSIZE])
+            parts += [ustar_header(name, len(payload)), payload, _ZERO_BLOCK[: -len(payload) % tarfile.BLOCKSIZE]]
+            self._members.append((name, offset + tarfile.BLOCKSIZE, len(payload)))
+            offset += tarfile.BLOCKSIZE + len(payload) + len(parts[-1])
+        self._out.write(b"".join(parts))
 
     def commit(self) -> dict:
         """Finish the tar and its index and make them durable under their final names; returns sha256,
