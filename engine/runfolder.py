@@ -10,6 +10,7 @@ committed whole or redone by the next run (`synthgen verify` also checks the sha
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
@@ -72,45 +73,53 @@ class NoClaim:
         pass
 
 
-class RunFolder:
+class RunFolder(ABC):
     """What the run needs of a folder. Subclasses provide the file primitives and the concurrency story
     (claims, the folder lock, staging and publishing a shard); the commit rule lives here, once."""
 
     location: Path | str
 
     # ---- file primitives ----
+    @abstractmethod
     def where(self, name: str) -> Path | str:
         """The location of `name`, for messages."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def files(self) -> dict[str, int]:
         """name -> size of the files directly in the folder ({} when it does not exist)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def read(self, name: str) -> bytes | None:
         """The file's bytes, or None when it does not exist."""
-        raise NotImplementedError
+        ...
 
     def read_many(self, names: list[str]) -> dict[str, bytes | None]:
         return {name: self.read(name) for name in names}
 
+    @abstractmethod
     def size(self, name: str) -> int | None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def write(self, name: str, data: bytes) -> None:
         """Write one file whole; readers never see a part of it under its name."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def delete(self, names: list[str]) -> list:
         """Delete these files (missing ones skipped); returns the locations removed."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def create(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def local_copies(self) -> AbstractContextManager[Callable[[str], Path]]:
         """A function name -> local path of that file, valid until the next call (shards can be large)."""
-        raise NotImplementedError
+        ...
 
     # ---- concurrency ----
     def folder_lock(self) -> AbstractContextManager:
@@ -125,21 +134,25 @@ class RunFolder:
     def held_shards(self) -> list[int]:
         return []
 
+    @abstractmethod
     def staging(self) -> AbstractContextManager[Path]:
         """The local folder a shard is written in before `publish`."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def publish(self, staged: Path, shard: int) -> bool:
         """Make a staged, committed shard visible; False (nothing changed) when it is committed already."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def remove_uncommitted(self, shard_range: tuple[int, int] | None) -> list:
         """Delete what was never committed and nobody is writing; returns the locations removed."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def clear(self) -> None:
         """--overwrite: delete synthgen's own files (shards, stats, temporaries, dataset.json)."""
-        raise NotImplementedError
+        ...
 
     # ---- the commit rule ----
     def committed(self, shard_range: tuple[int, int] | None = None,
