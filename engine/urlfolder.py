@@ -124,9 +124,11 @@ class UrlFolder(RunFolder):
         with tempfile.TemporaryDirectory(prefix="synthgen-fetch-") as tmp:
 
             def fetch(name: str) -> Path:
+                dest = Path(tmp) / name
+                if dest.is_file():
+                    return dest  # asked again for the file just fetched: no second download
                 for old in Path(tmp).iterdir():
                     old.unlink()
-                dest = Path(tmp) / name
                 self.fs.get_file(self._key(name), str(dest))
                 return dest
 

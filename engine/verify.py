@@ -107,7 +107,7 @@ def _verify_shards(folder: RunFolder, dataset: dict, report: VerifyReport, decod
         entry = entry if isinstance(entry, dict) else None
         problems, labels, count = _check_shard(local, shard, stats, entry, info, decode_images)
         if count:  # an empty shard has no index: there is nothing to read
-            problems += _index_problems(local, shard, index_name(shard) in names)
+            problems += _index_problems(folder, local, shard, index_name(shard) in names)
         report.problems += _capped(shard, problems)
         if problems:
             report.damaged.add(shard)
@@ -270,26 +270,28 @@ def _check_shard(
     return problems, labels, index
 
 
-def _index_problems(local, shard: int, present: bool) -> list[str]:
+def _index_problems(folder: RunFolder, local, shard: int, present: bool) -> list[str]:
     """The shard's DALI index against its tar: every entry inside the tar, and equal to the index the tar's
-    own headers give."""
+    own headers give. The index is read as bytes (it is small); the tar is the local copy _check_shard made."""
     name, tar = index_name(shard), tar_name(shard)
     if not present:
         return [f"{name}: missing (DALI would scan {tar}); rerun the same generate command to write it"]
     try:
-        samples = parse_dali_index(local(name).read_bytes())
+        raw = folder.read(name) or b""
+        samples = parse_dali_index(raw)
     except (OSError, ValueError) as exc:
         return [f"{name}: unreadable ({exc})"]
-    size = local(tar).stat().st_size
+    path = local(tar)
+    size = path.stat().st_size
     past = [s[0][3].split(".")[0] for s in samples if any(offset + length > size for _, offset, length, _ in s)]
     if past:
         return [f"{name}: {len(past)} sample(s) from key {past[0]} on point past the end of {tar} ({size} bytes): "
                 "the tar is truncated"]
     try:
-        expected = dali_index(tar_members(local(tar)))
+        expected = dali_index(tar_members(path))
     except (*_READ_ERRORS, ValueError) as exc:
         return [f"{name}: cannot be checked, {tar} is unreadable ({exc})"]
-    if local(name).read_bytes() != expected:
+    if raw != expected:
         return [f"{name}: does not match the members of {tar} (written for another tar?)"]
     return []
 

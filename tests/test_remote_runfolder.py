@@ -190,3 +190,17 @@ def test_cleanup_touches_only_the_jobs_own_shard_range(mem_url):
     assert sorted(removed) == [f"{mem_url}/000000.tar.abc.tmp", f"{mem_url}/000001.tar"]
     removed = UrlFolder(mem_url).remove_uncommitted(None)  # a run over every shard
     assert sorted(removed) == [f"{mem_url}/{n}" for n in ("000005.tar", "000005.tar.def.tmp", "dataset.json.x.tmp")]
+
+
+def test_verify_downloads_each_shard_once(gen_kwargs, mem_url, monkeypatch):
+    run_generate(GenerateConfig(**{**gen_kwargs, "out": mem_url}))
+    fs, _ = filesystem(mem_url)
+    fetched, real = [], type(fs).get_file
+
+    def counting(self, rpath, lpath, *args, **kwargs):
+        fetched.append(rpath.rsplit("/", 1)[-1])
+        return real(self, rpath, lpath, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "get_file", counting)
+    assert verify_run(mem_url).ok  # shards, their indexes and the wids index all checked
+    assert sorted(fetched) == ["000000.tar", "000001.tar", "000002.tar"]
