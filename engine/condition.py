@@ -13,9 +13,7 @@ from torch import nn
 
 from synthgen.errors import UsageError
 from synthgen.noise import STREAM_COND, gaussian
-
 from synthgen.plan import SamplePlan
-
 
 
 def conditions(embeddings: torch.Tensor, plan: SamplePlan, lam: float, seeds: torch.Tensor) -> torch.Tensor:

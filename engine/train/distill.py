@@ -200,12 +200,14 @@ def distill_pack(pack_dir: Path, out: Path, cfg: DistillConfig, bank_dir: Path |
     x0_pool = teacher_pool(pack.denoiser, config.schedule, conds, config.denoiser.sample_shape, cfg.pool_steps,
                            cfg.batch, cfg.seed)
     teacher = pack.denoiser
+    # The pool was made under inference_mode; plain copies of it can enter the autograd graph.
+    x0_pool, conds = x0_pool.clone(), conds.clone()
     with torch.inference_mode(False):
         for k_teacher, _ in cfg.rounds:
             student = copy.deepcopy(teacher).requires_grad_(True)
             with torch.enable_grad():
-                teacher = distill_round(teacher.requires_grad_(False), student, x0_pool.clone(), conds.clone(),
-                                        schedule, k_teacher, cfg, gen, log)
+                teacher = distill_round(teacher.requires_grad_(False), student, x0_pool, conds, schedule,
+                                        k_teacher, cfg, gen, log)
     _write_student(pack_dir, out, config, schedule, teacher, cfg)
     return {"out": str(out), "steps": cfg.steps, "rounds": cfg.rounds, "seconds": time.perf_counter() - start}
 
