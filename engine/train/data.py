@@ -88,3 +88,45 @@ def load_shards(source: str, size: int, limit: int | None = None, loader: str = 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> float32 in [0, 1]."""
     return images.float().div_(255.0)
+
+
+def subset(data: ImageSet, indices: torch.Tensor | np.ndarray | list[int]) -> ImageSet:
+    """The images at `indices`, in that order (class names kept)."""
+    idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+    return ImageSet(data.images[idx], data.labels[idx], data.class_names, [data.keys[i] for i in idx.tolist()])
+
+
+def stratified_holdout(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(rest, holdout): `fraction` of every class held out (at least one image of a class that has two).
+
+    A pure function of (labels, fraction, seed); both halves keep the source's order.
+    """
+    if not 0 < fraction < 1:
+        raise UsageError(f"the holdout fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    labels = data.labels.numpy()
+    held = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        count = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+        held.extend(rng.permutation(rows)[:count].tolist())
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[held] = True
+    if not mask.any():
+        raise UsageError(f"no class has two images: nothing can be held out of {len(labels)} images")
+    return subset(data, np.flatnonzero(~mask)), subset(data, np.flatnonzero(mask))
+
+
+def per_class_subset(data: ImageSet, shots: int, seed: int) -> ImageSet:
+    """`shots` images of every class (all of a class that has fewer), drawn without replacement, seeded."""
+    rng = np.random.default_rng(seed)
+    labels = data.labels.numpy()
+    rows = [rng.permutation(np.flatnonzero(labels == c))[:shots] for c in range(len(data.class_names))]
+    return subset(data, np.sort(np.concatenate(rows)))
+
+
+def concat_sets(sets: list[ImageSet]) -> ImageSet:
+    """One set of all images, in order; class names from the set that names the most classes."""
+    names = max((s.class_names for s in sets), key=len)
+    return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), names,
+                    [k for s in sets for k in s.keys])

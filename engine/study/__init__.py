@@ -1,0 +1,1 @@
+"""`synthgen study`: does the synthetic data train classifiers, at full labels and with few labels?"""
