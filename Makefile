@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 N ?= 2k
 
-.PHONY: setup demo demo-random test default-pack compare clean
+.PHONY: setup demo demo-random test default-pack study clean
 
 setup: $(VENV)/.installed
 
@@ -41,9 +41,14 @@ default-pack: setup
 	$(BIN)/synthgen train distill --pack engine/default_pack --steps 1 --out engine/default_pack_1step.new
 	rm -rf engine/default_pack_1step && mv engine/default_pack_1step.new engine/default_pack_1step
 
-# The classifier study of bench/compare.py (~1 h on 2 cores); results land in bench/results/compare/.
-compare: setup
-	$(BIN)/python bench/compare.py --out bench/results/compare
+# The training-value study on both real data sets (hours on 2 cores; resumes); tables, JSON and plots
+# land in bench/results/study/.
+study: setup
+	$(BIN)/synthgen study --dataset digits --out studies/digits
+	$(BIN)/synthgen study --dataset mnist5k --out studies/mnist5k
+	mkdir -p bench/results/study
+	for d in digits mnist5k; do cp studies/$$d/study.md bench/results/study/$$d.md; \
+		cp studies/$$d/study.json bench/results/study/$$d.json; cp studies/$$d/study.png bench/results/study/$$d.png; done
 
 test: setup
 	PYTHONSAFEPATH=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q

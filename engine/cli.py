@@ -731,7 +731,16 @@ def train_classifier_cmd(
     arch: str = typer.Option("resnet18", help="timm model name."),
     width: int = typer.Option(16, min=4, help="ResNet base width (64 = standard)."),
     input_size: int = typer.Option(16, min=8, help="Input side in pixels."),
-    steps: int = typer.Option(600, min=1, help="Optimisation steps (a fixed budget across data set sizes)."),
+    steps: int = typer.Option(600, min=1, help="fixed: the optimisation steps; plateau: the most it may take."),
+    schedule: str = typer.Option("fixed", help="fixed: exactly --steps (one-cycle LR) | plateau: train to "
+                                 "convergence on a holdout carved from the training data (scored every "
+                                 "--eval-every steps; LR /10 after --patience scores without a better one, stop "
+                                 "after --patience more; the best weights are kept)."),
+    holdout: float = typer.Option(0.15, min=0.01, max=0.5, help="plateau: the fraction of every class held out "
+                                  "of the training data to stop on (never trained on)."),
+    eval_every: int = typer.Option(100, min=1, help="plateau: steps between holdout scores."),
+    patience: int = typer.Option(3, min=1, help="plateau: holdout scores without improvement before the LR "
+                                 "drops, and again before training stops."),
     aug: str = typer.Option("standard", help="none | standard (classical augmentation)."),
     seed: int = typer.Option(0, min=0),
     loader: str = typer.Option("webdataset", help="How shards are read: webdataset | wids (the run folder's "
@@ -746,13 +755,25 @@ def train_classifier_cmd(
       synthgen train classifier --train runs/digits --val builtin:digits:test --out clf/synth
 
       synthgen train classifier --train runs/digits --loader dali --val builtin:digits:test --out clf/synth
+
+      synthgen train classifier --train runs/digits --schedule plateau --steps 4000 --out clf/converged
     """
     from synthgen.train.classifier import ClassifierConfig, evaluate, save_classifier, train_classifier
+    from synthgen.train.data import stratified_holdout
 
-    config = ClassifierConfig(arch=arch, width=width, input_size=input_size, steps=steps, aug=aug, seed=seed)
+    config = ClassifierConfig(arch=arch, width=width, input_size=input_size, steps=steps, aug=aug, seed=seed,
+                              schedule=schedule, eval_every=eval_every, patience=patience)
     data = load_training_sets(train, input_size, loader)
+    held = None
+    if config.schedule == "plateau":
+        data, held = stratified_holdout(data, holdout, seed)
+        typer.echo(f"holding out {len(held)} of {len(data) + len(held)} training images to stop on", err=True)
     val_set = _load_real(val, input_size) if val else None
-    model, history = train_classifier(data, config, val=val_set)
+    model, history = train_classifier(data, config, val=val_set, holdout=held)
+    if config.schedule == "plateau":
+        last = history[-1]
+        typer.echo(f"stopped at step {last['step']} ({last['stopped']}); kept step {last['best_step']}'s "
+                   f"weights (holdout top-1 {last['best_holdout_top1']:.4f})", err=True)
     save_classifier(model, config, data.class_names, out, history)
     if val_set is not None:
         _print_eval(evaluate(model, val_set, input_size))

@@ -1,10 +1,8 @@
-"""Training inside the package: plumbing-sized runs of every trainer and of the comparison bench."""
+"""Training inside the package: plumbing-sized runs of every trainer (the study: test_study.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,34 +70,3 @@ def test_classifier_on_real_digits_beats_chance_and_round_trips(tmp_path):
     save_classifier(model, config, train.class_names, tmp_path / "clf", history)
     loaded, loaded_config, names = load_classifier(tmp_path / "clf")
     assert loaded_config == config and evaluate(loaded, test, 16)["top1"] == result["top1"]
-
-
-def test_comparison_bench_plumbing(quick_pack, tmp_path):
-    """The reduced study CI runs: every arm trains and scores; real data and the shipped pack beat chance."""
-    from synthgen.pack import DEFAULT_TEACHER as DEFAULT_PACK  # the study samples with the teacher's settings
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "compare.py"
-    spec = importlib.util.spec_from_file_location("compare", path)
-    compare = importlib.util.module_from_spec(spec)
-    sys.modules["compare"] = compare  # dataclasses look their module up there
-    spec.loader.exec_module(compare)
-    rep = DEFAULT_PACK if (DEFAULT_PACK / "denoiser.safetensors").is_file() else quick_pack
-    # The class-conditioned baseline is trained here with the quick (30-step) budget: plumbing only.
-    doc = compare.run(tmp_path / "cmp", quick=True, seeds=1, steps=80, rep_pack=rep, class_pack=None)
-    rows = {r["name"]: r for r in doc["results"]}
-    assert len(rows) == 5 and all(0.0 <= r["mean"] <= 1.0 for r in rows.values())
-    assert rows["real"]["mean"] > 0.5
-    assert all(r["train_images"] > 0 for r in rows.values())
-    if rep == DEFAULT_PACK:  # well above chance (0.1); the quality bar itself is tracked by the full study
-        assert rows["rep reuse 10x"]["mean"] > 0.3
-    assert (tmp_path / "cmp" / "compare.md").read_text().count("|") > 20
-
-    # --only reruns replace their rows in the previous study, in study order, and refuse other setups.
-    update = {**doc, "results": [{**rows["real"], "mean": -1.0}], "seconds": 1.0,
-              "min_score_taus": tuple(doc["min_score_taus"])}  # a fresh run holds a tuple, the file a list
-    stored = json.loads(json.dumps(doc))
-    merged = compare.merge_rows(stored, update, [r["name"] for r in doc["results"]])
-    assert [r["name"] for r in merged["results"]] == [r["name"] for r in doc["results"]]
-    assert merged["results"][0]["mean"] == -1.0 and merged["merged_runs"] == 2
-    with pytest.raises(SystemExit, match="seeds differs"):
-        compare.merge_rows(stored, {**update, "seeds": 3}, [])

@@ -45,7 +45,7 @@ class ClassifierConfig:
     seed: int = 0
     schedule: str = "fixed"
     eval_every: int = 100
-    patience: int = 4
+    patience: int = 3
     lr_drops: int = 1
 
     def __post_init__(self):
