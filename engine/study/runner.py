@@ -162,13 +162,14 @@ def prepare_packs(dataset: str, root: Path, scale: StudyScale, log: Callable[[st
 
     if dataset == "digits":
         return StudyPacks(DEFAULT_PACK, DEFAULT_TEACHER)
+    from synthgen.sources import builtin_labels
     from synthgen.train.distill import DistillConfig, distill_pack
     from synthgen.train.packs import build_pack_from_scratch, default_configs
 
     teacher, rep = root / f"{dataset}-teacher", root / dataset
     if not (teacher / "training.json").is_file() or "report" not in json.loads((teacher / "training.json").read_text()):
         log(f"training the {dataset} teacher pack with the default pack's recipe (train default-pack)")
-        enc, den = default_configs(scale.quick)
+        enc, den = default_configs(scale.quick, images=len(builtin_labels(f"builtin:{dataset}:train")))
         build_pack_from_scratch(f"builtin:{dataset}:train", teacher, enc, den, probe=f"builtin:{dataset}:test",
                                 progress=not scale.quick)
     if not (rep / "pack.json").is_file():
