@@ -57,7 +57,8 @@ CLASS_COND = Arm("class-conditioned", generator="class")
 def arms(regime: Regime) -> list[Arm]:
     """The arms of a regime. With full labels perturb, interpolate and the filter run at the middle size
     only (variations of reuse, to save compute); with few labels, where new conditions matter most,
-    perturb and interpolate run at every size and the filter at the largest."""
+    perturb and interpolate run at every size and the filter at the largest. Arms with augmentation
+    on synthetic data run at the largest size."""
     middle, largest = (regime.multiples[len(regime.multiples) // 2],), (regime.multiples[-1],)
     few = regime.shots is not None
     return [
@@ -66,6 +67,10 @@ def arms(regime: Regime) -> list[Arm]:
         Arm("synthetic, interpolate", generator="rep", mode="interpolate", only=None if few else middle),
         Arm("synthetic, filtered", generator="rep", keep_top=0.5, only=largest if few else middle),
         REAL_SYNTHETIC, CLASS_COND,
+        # Classical augmentation on top of synthetic data, the recipe a user would train with: at the largest
+        # size, beside the target arms above (which keep augmentation out, to compare it with synthetic data).
+        *([] if few else [Arm("synthetic + aug", generator="rep", aug="standard", only=largest)]),
+        Arm("real + synthetic + aug", real=True, aug="standard", generator="rep", only=largest),
     ]
 
 
