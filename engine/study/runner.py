@@ -126,8 +126,8 @@ def _generate(regime: Regime, arm: Arm, n: int, labelled: ImageSet, packs: Study
                              "candidates": summary.candidates, "seconds": round(summary.seconds, 2),
                              "images_per_second": round(summary.images_per_second, 1),
                              "options": {k: str(v) for k, v in fields.items() if k not in ("out", "progress")}})
-    log(f"[{regime.name}] generate {arm.run_name}: {summary.images} images"
-        + (f" at {summary.images_per_second:.0f} img/s" if summary.shards_written else " (already there)"))
+    log(f"[{regime.name}] generate {arm.run_name}: " + (f"{summary.images} images at {summary.images_per_second:.0f} "
+                                                        "img/s" if summary.shards_written else f"{n} images already there"))
     return load_shards(str(fields["out"]), size, limit=n)
 
 
