@@ -56,7 +56,7 @@ def run_study(dataset: str, out: Path, scale: StudyScale, regimes: tuple[str, ..
         sizes[regime.name] = len(labelled)
         if not regimes or regime.name in regimes:
             _run_regime(regime, labelled, splits, packs, lam, scale, out, size, log)
-    setup = {"dataset": dataset, "image_size": size, "perturb_lambda": lam, "packs": packs_info(packs),
+    setup = {"dataset": dataset, "image_size": size, "perturb_lambda": lam, "packs": packs_info(packs, out),
              "splits": {"pool": len(splits.pool), "holdout": len(splits.holdout), "test": len(splits.test)},
              "labelled": sizes, "seconds_this_invocation": round(time.perf_counter() - t0, 1)}
     doc = write_report(out, scale, setup)
@@ -180,14 +180,25 @@ def prepare_packs(dataset: str, root: Path, scale: StudyScale, log: Callable[[st
     return StudyPacks(rep, teacher)
 
 
-def packs_info(packs: StudyPacks) -> dict:
+def packs_info(packs: StudyPacks, out: Path) -> dict:
+    """Each pack's hash, what it was distilled from, and where it is, named so the report reads the same on
+    any machine: inside the study folder, or inside the package (the shipped packs)."""
+    import synthgen
     from synthgen.pack import pack_hash, read_pack_config
 
-    out = {}
+    info = {}
     for role, path in (("rep", packs.rep), ("teacher", packs.teacher)):
         config = read_pack_config(path)
-        out[role] = {"path": str(path), "hash": pack_hash(config), "distilled": config.distilled or None}
-    return out
+        info[role] = {"path": _where(path, {"OUT": out, "synthgen": Path(synthgen.__file__).parent}),
+                      "hash": pack_hash(config), "distilled": config.distilled or None}
+    return info
+
+
+def _where(path: Path, roots: dict[str, Path]) -> str:
+    for name, root in roots.items():
+        if path.resolve().is_relative_to(root.resolve()):
+            return f"{name}/{path.resolve().relative_to(root.resolve()).as_posix()}"
+    return str(path)
 
 
 def _image_size(pack: Path) -> int:
