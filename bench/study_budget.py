@@ -2,9 +2,9 @@
 
 `synthgen study` stops each classifier on its holdout (learning rate /10 after 3 scores without a better
 one, stop after 3 more). If that stopped training too early, a more patient rule would score higher, and more
-so for some arms than for others. This reruns chosen cells of a finished study with --patience (default 6)
-and a larger step cap, reading the study's packs, banks and generate runs (nothing is generated again),
-and prints both rules' top-1 per cell.
+so for some arms than for others. This reruns chosen cells of a finished study (at the largest synthetic size
+unless --all-sizes) with --patience (default 6) and twice the step cap, reading the study's packs, banks and
+generate runs (nothing is generated again), and prints both rules' top-1 per cell.
 
     python bench/study_budget.py --study studies/digits --dataset digits --out bench/results/study/budget_digits
 """
@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=6)
     ap.add_argument("--regime", default="full")
     ap.add_argument("--arms", default="|".join(CELLS), help="|-separated arm names")
+    ap.add_argument("--all-sizes", action="store_true", help="every synthetic size (default: the largest only)")
     args = ap.parse_args()
 
     from synthgen.study.protocol import FULL
@@ -39,6 +40,8 @@ def main() -> None:
         if not link.exists() and (args.study / shared).exists():
             os.symlink((args.study / shared).resolve(), link)
     regime = next(r for r in FULL.regimes if r.name == args.regime)
+    if not args.all_sizes:
+        regime = replace(regime, multiples=regime.multiples[-1:])
     scale = replace(FULL, regimes=(regime,), arm_names=tuple(args.arms.split("|")),
                     classifier=dict(FULL.classifier, patience=args.patience, steps=2 * FULL.classifier["steps"]))
     patient = run_study(args.dataset, args.out, scale)

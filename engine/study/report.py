@@ -130,35 +130,42 @@ def plot(doc: dict, scale: StudyScale, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullLocator
     except ImportError:
         return False
     regimes = [r for r in scale.regimes if any(c["regime"] == r.name for c in doc["cells"])]
     if not regimes:
         return False
-    fig, axes = plt.subplots(1, len(regimes), figsize=(5.2 * len(regimes), 4.2), squeeze=False)
+    # One colour per arm across panels (the few-label regimes run fewer arms), one legend for the figure.
+    names = list(dict.fromkeys(a.name for r in regimes for a in study_arms(scale, r)))
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.2 * len(regimes), 4.6), squeeze=False)
+    handles = {}
     for ax, regime in zip(axes[0], regimes):
         cells = [c for c in doc["cells"] if c["regime"] == regime.name]
-        for i, arm in enumerate(study_arms(scale, regime)):
+        for arm in study_arms(scale, regime):
             mine = sorted((c for c in cells if c["arm"] == arm.name), key=lambda c: c["multiple"])
             if not mine:
                 continue
-            color = f"C{i}"
+            color = f"C{names.index(arm.name) % 10}"
             if not arm.synthetic:
                 c = mine[0]
-                ax.axhline(c["mean"], color=color, ls="--", lw=1.2, label=arm.name)
+                handles[arm.name] = ax.axhline(c["mean"], color=color, ls="--", lw=1.2)
                 ax.axhspan(c["mean"] - c["std"], c["mean"] + c["std"], color=color, alpha=0.12)
                 continue
-            ax.errorbar([c["multiple"] for c in mine], [c["mean"] for c in mine], yerr=[c["std"] for c in mine],
-                        color=color, marker="o", ms=4, capsize=3, label=arm.name)
+            handles[arm.name] = ax.errorbar([c["multiple"] for c in mine], [c["mean"] for c in mine],
+                                            yerr=[c["std"] for c in mine], color=color, marker="o", ms=4, capsize=3)
         ax.set_xscale("log")
         ax.set_xticks(regime.multiples, [f"{m}x" for m in regime.multiples])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("synthetic images (x the labelled real images)")
         shots = "all labels" if regime.shots is None else f"{regime.shots} labels per class"
         ax.set_title(f"{doc['setup']['dataset']}: {regime.name} ({shots})")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("top-1 on the real test split")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    order = [n for n in names if n in handles]
+    fig.legend([handles[n] for n in order], order, fontsize=8, loc="lower center", ncol=min(len(order), 6),
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
