@@ -183,13 +183,12 @@ def prepare_packs(dataset: str, root: Path, scale: StudyScale, log: Callable[[st
 def packs_info(packs: StudyPacks, out: Path) -> dict:
     """Each pack's hash, what it was distilled from, and where it is, named so the report reads the same on
     any machine: inside the study folder, or inside the package (the shipped packs)."""
-    import synthgen
-    from synthgen.pack import pack_hash, read_pack_config
+    from synthgen.pack import DEFAULT_PACK, pack_hash, read_pack_config
 
     info = {}
     for role, path in (("rep", packs.rep), ("teacher", packs.teacher)):
         config = read_pack_config(path)
-        info[role] = {"path": _where(path, {"OUT": out, "synthgen": Path(synthgen.__file__).parent}),
+        info[role] = {"path": _where(path, {"OUT": out, "synthgen": DEFAULT_PACK.parent}),
                       "hash": pack_hash(config), "distilled": config.distilled or None}
     return info
 
