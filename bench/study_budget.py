@@ -6,7 +6,7 @@ so for some arms than for others. This reruns chosen cells of a finished study (
 unless --all-sizes) with --patience (default 6) and twice the step cap, reading the study's packs, banks and
 generate runs (nothing is generated again), and prints both rules' top-1 per cell.
 
-    python bench/study_budget.py --study studies/digits --dataset digits --out bench/results/study/budget_digits
+    python bench/study_budget.py --study studies/digits --out studies/budget_digits
 """
 
 from __future__ import annotations
@@ -17,21 +17,32 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from synthgen.study.protocol import FULL, arms
+
 CELLS = ("real", "real + aug", "synthetic", "real + synthetic", "class-conditioned")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", type=Path, required=True, help="a finished `synthgen study` folder")
-    ap.add_argument("--dataset", required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--patience", type=int, default=6)
-    ap.add_argument("--regime", default="full")
+    ap.add_argument("--regime", default="full", choices=[r.name for r in FULL.regimes])
     ap.add_argument("--arms", default="|".join(CELLS), help="|-separated arm names")
     ap.add_argument("--all-sizes", action="store_true", help="every synthetic size (default: the largest only)")
     args = ap.parse_args()
 
-    from synthgen.study.protocol import FULL
+    # Checked before anything trains: the comparison needs the finished study's report, and its data set.
+    report = args.study / "study.json"
+    if not report.is_file():
+        ap.error(f"{report} does not exist: run `synthgen study --out {args.study}` to the end first")
+    base = json.loads(report.read_text())
+    regime = next(r for r in FULL.regimes if r.name == args.regime)
+    known = [a.name for a in arms(regime)]
+    unknown = [name for name in args.arms.split("|") if name not in known]
+    if unknown:
+        ap.error(f"--arms: {unknown} not in the {regime.name} regime; its arms are {known}")
+
     from synthgen.study.runner import run_study
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -39,16 +50,15 @@ def main() -> None:
         link = args.out / shared
         if not link.exists() and (args.study / shared).exists():
             os.symlink((args.study / shared).resolve(), link)
-    regime = next(r for r in FULL.regimes if r.name == args.regime)
     if not args.all_sizes:
         regime = replace(regime, multiples=regime.multiples[-1:])
     scale = replace(FULL, regimes=(regime,), arm_names=tuple(args.arms.split("|")),
                     classifier=dict(FULL.classifier, patience=args.patience, steps=2 * FULL.classifier["steps"]))
-    patient = run_study(args.dataset, args.out, scale)
-    base = json.loads((args.study / "study.json").read_text())
+    dataset = base["setup"]["dataset"]
+    patient = run_study(dataset, args.out, scale)
     index = {(c["regime"], c["arm"], c["multiple"]): c for c in base["cells"]}
     lines = [f"# Budget check: patience {FULL.classifier['patience']} (the study) vs {args.patience}, "
-             f"{args.dataset} {args.regime}", "",
+             f"{dataset} {args.regime}", "",
              "| arm | synthetic | top-1, study rule | top-1, patient rule | difference | median steps (study / patient) |",
              "|---|---:|---:|---:|---:|---:|"]
     for cell in patient["cells"]:
