@@ -152,6 +152,13 @@ def test_quick_study_trains_every_cell_writes_the_report_and_resumes(tmp_path, m
     for name in ("study.md", "study.json", "study.png"):
         assert (out / name).stat().st_size > 0
     assert "| synthetic, filtered | 2x | 0 + 100 |" in (out / "study.md").read_text()
+    # The cross-study table the README prints: one row per arm, one column per regime, each cell's own mean.
+    summary = _bench_module("study_summary").summary([doc]).splitlines()
+    assert summary[0].startswith("| arm | digits full (1146 real, 1x) | digits k5 (50 real, 2x) |")
+    real = cells["k5", "real"]
+    assert f"| real | {100 * cells['full', 'real']['mean']:.1f} ± " in summary[2]
+    assert f" {100 * real['mean']:.1f} ± {100 * real['std']:.1f} |" in summary[2]
+    assert len(summary) == 2 + len(QUICK.arm_names)
 
     # Resume: every cell is on disk, so nothing trains or generates again and the report is the same.
     def refuse(*args, **kwargs):
@@ -163,6 +170,17 @@ def test_quick_study_trains_every_cell_writes_the_report_and_resumes(tmp_path, m
     assert again["cells"] == doc["cells"]
     with pytest.raises(UsageError, match="--regime 'k50'"):
         runner.run_study("digits", out, scale, regimes=("k50",), log=lambda line: None)
+
+
+def _bench_module(name: str):
+    """A script under bench/ (not a package) imported by path."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_train_classifier_command_trains_to_a_plateau_on_a_carved_holdout(tmp_path):
